@@ -1,0 +1,200 @@
+"""Inject GOAT adapters into a Hugging Face (or any torch) model, and take them out again.
+
+    goat = get_goat_model(model, GoatConfig(r=32, lora_alpha=64, num_experts=8, top_k=2,
+                                            target_modules=["q_proj", "v_proj"]))
+    out = goat(input_ids=..., attention_mask=..., labels=...)
+    loss = out.loss + goat.aux_loss()
+    goat.save_adapter("adapter/")                      # see adapter_io.py
+    original = goat.unload()                           # the untouched base model
+
+Targets are nn.Linear modules matched by name suffix (peft's rule) or "all-linear" (every
+nn.Linear but the output embedding and the modules to save). Everything else is frozen; only the
+experts, routers and ``modules_to_save`` train.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import GoatConfig, GoatConfigError
+from .layer import GoatLinear, RoutingContext
+from .svd import GoatPriors, check_layer_fits, layer_priors
+
+# priors_fn(name, base_linear, cfg, scale) -> GoatPriors. The default computes the SVD locally;
+# the trainer passes a ZeRO-3-aware (gathering) or distributed one.
+PriorsFn = Callable[[str, nn.Linear, GoatConfig, float], GoatPriors]
+
+
+def default_priors(name: str, base: nn.Linear, cfg: GoatConfig, scale: float) -> GoatPriors:
+    return layer_priors(base.weight, cfg, scale)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_target_modules(model: nn.Module, cfg: GoatConfig) -> list[str]:
+    """Names of the nn.Linear modules ``cfg`` adapts, in module order.
+
+    Raises:
+        GoatConfigError: if a named target does not exist or is not an nn.Linear.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    skip = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for n, m in linears.items():
+        if m is out_emb or _matches(n, cfg.modules_to_save) or _matches(n, cfg.exclude_modules):
+            skip.add(n)
+        if any(_matches(n, [p]) or n.startswith(p + ".") for p in cfg.modules_to_save):
+            skip.add(n)
+    if cfg.target_modules == "all-linear":
+        names = [n for n in linears if n not in skip]
+    else:
+        names = [n for n in linears if n not in skip and _matches(n, cfg.target_modules)]
+        found = {p for p in cfg.target_modules for n in names if _matches(n, [p])}
+        missing = [p for p in cfg.target_modules if p not in found]
+        if missing:
+            others = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise GoatConfigError(f"target_modules {missing} match no nn.Linear in the model; "
+                                  f"linear module names present: {others}")
+    if not names:
+        raise GoatConfigError("no module to adapt: target_modules selected no nn.Linear")
+    return names
+
+
+class GoatModel(nn.Module):
+    """A model whose target linears are GoatLinear layers.
+
+    Attribute access falls through to the wrapped model (``config``, ``generate`` ...).
+
+    Attributes:
+        model: the wrapped model.
+        goat_config: the GoatConfig.
+        goat_layers: name -> GoatLinear, in module order (names relative to ``model``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: GoatConfig, layers: dict[str, GoatLinear],
+                 context: RoutingContext, saved_requires_grad: dict[str, bool]) -> None:
+        super().__init__()
+        self.model = model
+        self.goat_config = cfg
+        self._layers = layers            # plain dict: the modules are registered inside model
+        self._context = context
+        self._saved_requires_grad = saved_requires_grad
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    @property
+    def goat_layers(self) -> dict[str, GoatLinear]:
+        return self._layers
+
+    def forward(self, *args, **kwargs):
+        self._context.token_mask = kwargs.get("attention_mask")
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._context.token_mask = None
+
+    def generate(self, *args, **kwargs):
+        self._context.token_mask = kwargs.get("attention_mask")
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self._context.token_mask = None
+
+    def aux_loss(self) -> torch.Tensor:
+        """aux_loss_coef * sum over layers of the last training forward's load-balancing loss."""
+        losses = [l.last_aux_loss for l in self._layers.values() if l.last_aux_loss is not None]
+        if not losses:
+            return torch.zeros(())
+        return self.goat_config.aux_loss_coef * torch.stack(losses).sum()
+
+    def reset_expert_counts(self) -> dict[str, torch.Tensor]:
+        """Per-layer expert selection counts accumulated since the last call, (E,) each."""
+        return {n: l.reset_expert_counts() for n, l in self._layers.items()}
+
+    def saved_module_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters of ``modules_to_save`` (trained in full, saved with the adapter)."""
+        pats = self.goat_config.modules_to_save
+        return {n: p for n, p in self.model.named_parameters()
+                if any(_matches(n.rsplit(".", 1)[0], [m]) or f".{m}." in f".{n}" for m in pats)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) numbers of parameters (ZeRO-3 aware via ds_numel)."""
+        def numel(p):
+            return getattr(p, "ds_numel", p.numel())
+        tr = sum(numel(p) for p in self.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in self.parameters())
+        return tr, total
+
+    def save_adapter(self, path: str, **kwargs) -> None:
+        from .adapter_io import save_adapter
+        save_adapter(self, path, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """Remove every GOAT layer and return the original model (base weights were never touched)."""
+        for name, layer in self._layers.items():
+            _set_submodule(self.model, name, layer.base_layer)
+        for n, p in self.model.named_parameters():
+            if n in self._saved_requires_grad:
+                p.requires_grad_(self._saved_requires_grad[n])
+        self._layers = {}
+        return self.model
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def get_goat_model(model: nn.Module, cfg: GoatConfig,
+                   priors_fn: Optional[PriorsFn] = None) -> GoatModel:
+    """Freeze ``model`` and replace its target linears with GoatLinear layers.
+
+    Every target is validated before anything is changed, so a config that does not fit the
+    model raises GoatConfigError and leaves the model untouched.
+
+    Args:
+        model: the model to adapt (modified in place: target linears are swapped).
+        cfg: the adapter config.
+        priors_fn: computes each layer's priors; defaults to a local SVD of the weight.
+    """
+    if isinstance(model, GoatModel):
+        raise GoatConfigError("the model already has GOAT adapters; unload() them first")
+    names = find_target_modules(model, cfg)
+    for n in names:
+        lin = model.get_submodule(n)
+        shape = getattr(lin.weight, "ds_shape", lin.weight.shape)
+        check_layer_fits(cfg, shape[0], shape[1], n)
+    for p in cfg.modules_to_save:
+        if not any(_matches(n, [p]) for n, _ in model.named_modules()):
+            raise GoatConfigError(f"modules_to_save entry {p!r} matches no module of the model")
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n, mod in model.named_modules():
+        if _matches(n, cfg.modules_to_save):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    priors_fn = priors_fn or default_priors
+    context = RoutingContext()
+    layers: dict[str, GoatLinear] = {}
+    for n in names:
+        base = model.get_submodule(n)
+        scale = cfg.scale_for(base.in_features)
+        layer = GoatLinear(base, cfg, priors_fn(n, base, cfg, scale), context)
+        _set_submodule(model, n, layer)
+        layers[n] = layer
+    return GoatModel(model, cfg, layers, context, saved)
