@@ -1,0 +1,196 @@
+"""Checkpoints that survive a crash mid-save, exact resume, and adapter export from any ZeRO stage.
+
+Layout of ``<output_dir>/checkpoints``:
+
+    step_00000040/            DeepSpeed's files (adapter params, optimizer, scheduler; the frozen
+                              base is excluded) + rng_rank<r>.pt + run_config.json
+    step_00000080/
+    latest.json               the pointer: {"tag": "step_00000080", "global_step": 80, ...}
+
+The pointer is replaced atomically (temp file + os.replace) only after every rank has finished
+writing the new tag, so a process killed while writing leaves ``latest.json`` naming the previous,
+complete checkpoint. The data position needs no state of its own: the micro-batch plan is a pure
+function of (seed, global step) (see data.StepPlan).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..adapter_io import adapter_state_dict, save_adapter
+from ..model import GoatModel
+from .config import ConfigError, RunConfig
+
+POINTER = "latest.json"
+
+# Fields that must agree between a checkpoint and the run resuming it: they change the model's
+# shapes or the data order, so a resume under a different value would not continue the same run.
+_RESUME_KEYS = {
+    "model": ("name_or_path", "preset", "task", "num_labels", "vocab_size", "dtype"),
+    "goat": ("r", "num_experts", "top_k", "init", "scaling", "eta", "rho", "init_cof",
+             "target_modules", "exclude_modules", "modules_to_save"),
+    "data": ("train_file", "format", "prompt_template", "max_length", "max_train_samples"),
+    "train": ("micro_batch_size", "gradient_accumulation_steps", "seed", "max_steps", "num_epochs"),
+}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
+                    extra: Optional[dict] = None) -> str:
+    """Write checkpoint ``step_<global_step>`` and move the pointer to it. Collective.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoint_dir(run.train.output_dir)
+    tag = f"step_{global_step:08d}"
+    path = os.path.join(root, tag)
+    os.makedirs(root, exist_ok=True)
+    engine.save_checkpoint(root, tag=tag, client_state={"global_step": global_step},
+                           save_latest=False, exclude_frozen_parameters=True)
+    rank = _rank()
+    torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
+    _barrier()                                   # every rank's files are complete
+    if rank == 0:
+        _atomic_json(os.path.join(path, "run_config.json"),
+                     {"run": run.to_dict(), "world_size": world_size, "global_step": global_step,
+                      **(extra or {})})
+        _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
+        _prune(root, keep=run.train.keep_checkpoints, current=tag)
+    _barrier()
+    return path
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    """Keep ``current`` and the ``keep - 1`` newest older checkpoints. Folders newer than
+    ``current`` are leftovers of a crashed save (or of an abandoned run's future) and go too."""
+    tags = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != current)
+    older = [t for t in tags if t < current]
+    doomed = [t for t in tags if t > current] + older[:max(0, len(older) - (keep - 1))]
+    for old in doomed:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The folder the pointer names, or None when there is no (complete) checkpoint."""
+    root = checkpoint_dir(output_dir)
+    ptr = os.path.join(root, POINTER)
+    if not os.path.isfile(ptr):
+        return None
+    try:
+        with open(ptr) as f:
+            tag = json.load(f)["tag"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"checkpoint pointer {ptr} is unreadable ({e}); point train.resume at a "
+                          f"checkpoint folder explicitly") from None
+    return os.path.join(root, tag)
+
+
+def check_resumable(path: str, run: RunConfig, world_size: int) -> dict:
+    """Validate that checkpoint ``path`` belongs to this run; returns its metadata."""
+    meta_path = os.path.join(path, "run_config.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"{path} is not a complete goat_dist checkpoint (no run_config.json); "
+                          f"resume from the folder named in checkpoints/{POINTER}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    saved, now = meta["run"], run.to_dict()
+    diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r} vs now {now[sec].get(k)!r}"
+             for sec, keys in _RESUME_KEYS.items() for k in keys
+             if _norm(saved[sec].get(k)) != _norm(now[sec].get(k))]
+    if meta["world_size"] != world_size:
+        diffs.append(f"world size: checkpoint {meta['world_size']} vs now {world_size}")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} comes from a different run configuration ("
+                          + "; ".join(diffs) + "). Resume with the original configuration, or "
+                          "start a fresh run in a new train.output_dir (or train.resume=none "
+                          "with train.overwrite_output_dir=true)")
+    return meta
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_checkpoint(engine, path: str) -> int:
+    """Restore engine state and this rank's RNG from ``path``; returns the global step."""
+    root, tag = os.path.split(path.rstrip("/"))
+    load_path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False,
+                                               load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(client["global_step"])
+
+
+def adapter_parameters(goat: GoatModel) -> list[torch.nn.Parameter]:
+    params = []
+    for layer in goat.goat_layers.values():
+        params += [layer.lora_A, layer.lora_B, layer.lora_router.weight]
+    return params + list(goat.saved_module_parameters().values())
+
+
+def export_adapter(goat: GoatModel, path: str) -> None:
+    """Save the adapter folder (rank 0), gathering ZeRO-3 partitions first. Collective."""
+    params = adapter_parameters(goat)
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    if partitioned:
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        import contextlib
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if _rank() == 0:
+            sd = {k: v.float() if v.is_floating_point() else v
+                  for k, v in adapter_state_dict(goat).items()}
+            save_adapter(goat, path, state_dict=sd)
+    _barrier()

@@ -1,0 +1,388 @@
+"""The training run: validate inputs, build model + engine, train, evaluate, checkpoint, export.
+
+Loss normalisation makes a run's numbers independent of how its global batch is split across
+ranks and micro-steps: every optimizer step first counts the target tokens of its whole global
+batch (one all-reduce), and each micro-step's loss is ``sum of token losses * W * GA / N_global``,
+which DeepSpeed's 1/GA loss scaling and 1/W gradient averaging turn into the global token mean.
+The router aux loss is a per-micro-batch statistic; it is added unscaled, i.e. averaged over the
+step's micro-batches, which are the same micro-batches whatever W (data.StepPlan). So a 2-rank
+run reproduces the 1-rank run with twice the accumulation, step for step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import random
+import shutil
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import (check_resumable, checkpoint_dir, export_adapter, latest_checkpoint,
+                         load_checkpoint, save_checkpoint)
+from .config import ConfigError, RunConfig
+from .data import StepPlan, collate, prepare_data
+from .ds_config import resolve_ds_config, zero_stage
+from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
+from .monitor import Monitor, Throughput
+from .tokenizer import check_tokenizer_fits, load_tokenizer, train_sentencepiece_tokenizer
+from . import evaluate as ev
+
+
+def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world)."""
+    import deepspeed
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _records_text(path: str, fmt: str, text_field: str) -> list[str]:
+    from .data import load_records
+    ds = load_records(path)
+    if fmt == "instruction":
+        return [" ".join(str(r.get(k) or "") for k in ("instruction", "input", "output")) for r in ds]
+    return [str(r[text_field]) for r in ds]
+
+
+def _prepare_output_dir(run: RunConfig) -> Optional[str]:
+    """Decide where to resume from; refuse to clobber another run. Writes nothing."""
+    t = run.train
+    out = t.output_dir
+    if t.resume not in ("auto", "none"):
+        if not os.path.isdir(t.resume):
+            raise ConfigError(f"train.resume={t.resume!r} is not a checkpoint folder; use a "
+                              f"folder under {checkpoint_dir(out)} or resume=auto")
+        return t.resume
+    latest = latest_checkpoint(out) if t.resume == "auto" else None
+    if latest is not None:
+        return latest
+    holds_run = os.path.isdir(out) and any(
+        os.path.exists(os.path.join(out, n)) for n in ("checkpoints", "adapter", "summary.json"))
+    if holds_run and not t.overwrite_output_dir:
+        raise ConfigError(f"train.output_dir={out!r} already holds another run (and no checkpoint "
+                          f"to resume); choose a new output_dir, or set "
+                          f"train.overwrite_output_dir=true to replace it")
+    return None
+
+
+def _build_tokenizer(run: RunConfig, rank: int):
+    m, d = run.model, run.data
+    if m.tokenizer is not None:
+        return load_tokenizer(m.tokenizer)
+    if m.name_or_path is not None:
+        return load_tokenizer(m.name_or_path)
+    # Preset model: train a small sentencepiece tokenizer from the training text (rank 0),
+    # then every rank loads the same files.
+    tok_dir = os.path.join(run.train.output_dir, "tokenizer")
+    if rank == 0 and not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
+        train_sentencepiece_tokenizer(_records_text(d.train_file, d.format, d.text_field),
+                                      m.vocab_size, tok_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(tok_dir)
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Sum of per-target cross-entropies.
+
+    Args:
+        logits: (B, S, V) for causal_lm (next-token, shifted here) or (B, C) for seq_cls.
+        labels: (B, S) with -100 for ignored positions, or (B,) class ids.
+    """
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def count_targets(labels: torch.Tensor, task: str) -> int:
+    return int((labels[:, 1:] != -100).sum()) if task == "causal_lm" else int(labels.numel())
+
+
+def lr_lambda(run: RunConfig, total_steps: int):
+    """Linear warmup then cosine decay to min_lr_ratio (HF's get_cosine_schedule_with_warmup)."""
+    o = run.optim
+    warm = o.warmup_steps or int(math.ceil(o.warmup_ratio * total_steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        prog = (step - warm) / max(1, total_steps - warm)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+    return f
+
+
+class Trainer:
+    """One training run. ``run()`` does everything; every public step is collective."""
+
+    def __init__(self, run: RunConfig, ds_config: dict[str, Any]) -> None:
+        self.run_cfg = run
+        self.rank, self.world = init_distributed()
+        self.task = run.model.task
+        self.ds_raw = ds_config
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        run, t = self.run_cfg, self.run_cfg.train
+        self.ds = resolve_ds_config(self.ds_raw, run, self.world)
+        self.zero3 = zero_stage(self.ds) == 3
+        self.resume_from = _prepare_output_dir(run)
+        if self.resume_from is not None:
+            check_resumable(self.resume_from, run, self.world)
+        set_seed(t.seed)
+        self.tokenizer = _build_tokenizer(run, self.rank)
+        self.data = prepare_data(run.data, self.tokenizer, self.task, t.seed)
+        self.plan = StepPlan(len(self.data.train), t.micro_batch_size,
+                             t.gradient_accumulation_steps, self.world, self.rank, t.seed)
+        spe = self.plan.steps_per_epoch
+        self.total_steps = t.max_steps or max(1, int(math.floor(t.num_epochs * spe)))
+        num_labels = run.model.num_labels or len(self.data.label_names or []) or 2
+        pad_id = self.tokenizer.pad_token_id
+        model, self._keepalive = load_base_model(run.model, len(self.tokenizer), num_labels,
+                                                 t.seed, pad_id, self.ds if self.zero3 else None)
+        check_tokenizer_fits(self.tokenizer, embedding_rows(model))
+        if self.task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = pad_id
+        goat_cfg = resolve_modules_to_save(model, run.goat, self.task)
+        set_seed(t.seed)  # router init identical on every rank and every world size
+        self.goat = inject_goat(model, goat_cfg, self.zero3)
+        self._init_engine()
+        self.start_step = 0
+        if self.resume_from is not None:
+            self.start_step = load_checkpoint(self.engine, self.resume_from)
+        elif t.overwrite_output_dir and self.rank == 0:
+            shutil.rmtree(checkpoint_dir(t.output_dir), ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _init_engine(self) -> None:
+        import deepspeed
+        o = self.run_cfg.optim
+        params = self.goat.trainable_parameters()
+        sched = lr_lambda(self.run_cfg, self.total_steps)
+        optimizer = None
+        if "optimizer" not in self.ds:
+            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                          weight_decay=o.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.goat, model_parameters=params, optimizer=optimizer, config=self.ds,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched))
+        self.device = self.engine.device
+
+    # ------------------------------------------------------------------ steps
+    def _step_batches(self, step: int) -> list[dict]:
+        epoch, s = self.plan.position(step)
+        pad = self.tokenizer.pad_token_id
+        return [collate([self.data.train[i] for i in idxs], pad)
+                for idxs in self.plan.micro_batches(epoch, s)]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step (GA micro-steps). Returns global loss / aux / token figures."""
+        t = self.run_cfg.train
+        batches = self._step_batches(step)
+        counts = torch.tensor([float(sum(count_targets(b["labels"], self.task) for b in batches)),
+                               float(sum(int(b["attention_mask"].sum()) for b in batches))])
+        _all_reduce(counts)
+        n_targets = max(counts[0].item(), 1.0)
+        norm = self.world * t.gradient_accumulation_steps / n_targets
+        stats = torch.zeros(2)
+        for b in batches:
+            b = _move(b, self.device)
+            out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            lsum = loss_sum(out.logits, b["labels"], self.task)
+            aux = self.engine.module.aux_loss().to(lsum.device)
+            self.engine.backward(lsum * norm + aux)
+            self.engine.step()
+            stats += torch.stack([lsum.detach().float().cpu(), aux.detach().float().cpu()])
+        _all_reduce(stats)
+        gn = self.engine.get_global_grad_norm()
+        return {"loss": stats[0].item() / n_targets,
+                "aux_loss": stats[1].item() / (self.world * t.gradient_accumulation_steps),
+                "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.run_cfg.optim.lr,
+                "grad_norm": float(gn) if gn is not None else float("nan"),
+                "tokens": counts[1].item()}
+
+    # ------------------------------------------------------------------ evaluation
+    def _sharded(self, items: list) -> list:
+        """This rank's share of ``items``, padded with None so every rank runs the same number of
+        forwards (ZeRO-3 forwards are collectives)."""
+        mine = items[self.rank::self.world]
+        n = int(math.ceil(len(items) / self.world))
+        return mine + [None] * (n - len(mine))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.data.eval is None or len(self.data.eval) == 0:
+            return {}
+        self.engine.eval()
+        try:
+            metrics = self._eval_loss()
+            if self.task == "causal_lm" and self.data.eval_records:
+                metrics.update(self._eval_accuracy())
+        finally:
+            self.engine.train()
+        return metrics
+
+    def _eval_loss(self) -> dict[str, float]:
+        b, ds = self.run_cfg.train.micro_batch_size, self.data.eval
+        batches = [list(range(i, min(i + b, len(ds)))) for i in range(0, len(ds), b)]
+        if self.run_cfg.train.eval_batches:
+            batches = batches[:self.run_cfg.train.eval_batches]
+        pad = self.tokenizer.pad_token_id
+        acc = torch.zeros(4)  # loss sum, targets, correct (seq_cls), examples
+        for idxs in self._sharded(batches):
+            real = idxs is not None
+            batch = _move(collate([ds[i] for i in (idxs if real else batches[0])], pad), self.device)
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if not real:
+                continue
+            acc[0] += loss_sum(out.logits, batch["labels"], self.task).float().cpu()
+            acc[1] += count_targets(batch["labels"], self.task)
+            if self.task == "seq_cls":
+                acc[2] += (out.logits.argmax(-1) == batch["labels"]).sum().cpu()
+                acc[3] += batch["labels"].numel()
+        _all_reduce(acc)
+        metrics = {"eval/loss": (acc[0] / acc[1].clamp(min=1)).item()}
+        if self.task == "seq_cls":
+            metrics["eval/accuracy"] = (acc[2] / acc[3].clamp(min=1)).item()
+        return metrics
+
+    def _eval_accuracy(self) -> dict[str, float]:
+        d = self.run_cfg.data
+        records = self.data.eval_records
+        if d.eval_mode == "options":
+            cands = ev.option_scoring_batches(records, self.tokenizer, d.prompt_template, d.max_length)
+            if not cands:
+                return {}
+            b = self.run_cfg.train.micro_batch_size
+            chunks = [list(range(i, min(i + b, len(cands)))) for i in range(0, len(cands), b)]
+            scores = torch.zeros(len(cands), dtype=torch.float64)
+            pad = self.tokenizer.pad_token_id
+            for idxs in self._sharded(chunks):
+                real = idxs is not None
+                batch = _move(collate([cands[i] for i in (idxs if real else chunks[0])], pad),
+                              self.device)
+                out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                if real:
+                    scores[idxs] = ev.sequence_logprobs(out.logits.float(), batch["labels"]).double().cpu()
+            _all_reduce(scores)
+            picks = ev.pick_options(cands, scores.tolist())
+            correct = total = 0
+            for rec_idx, opt in picks.items() if isinstance(picks, dict) else enumerate(picks):
+                rec = records[rec_idx]
+                options = ev.answer_options(rec)
+                if options is None or opt is None:
+                    continue
+                total += 1
+                correct += int(ev.is_correct(options[opt], rec.get("answer")))
+            return {"eval/accuracy": correct / max(total, 1), "eval/accuracy_n": float(total)}
+        # generate mode: greedy generation + answer extraction
+        bsz = self.run_cfg.train.micro_batch_size
+        groups = [records[i:i + bsz] for i in range(0, len(records), bsz)]
+        acc = torch.zeros(2)
+        for grp in self._sharded(groups):
+            real = grp is not None
+            texts = ev.generate_answers(self.engine.module, self.tokenizer, grp if real else groups[0],
+                                        d.prompt_template, d.eval_max_new_tokens, self.device,
+                                        batch_size=bsz, synced_gpus=self.zero3 and self.world > 1)
+            if not real:
+                continue
+            for rec, text in zip(grp, texts):
+                pred = ev.extract_answer(text, ev.answer_options(rec))
+                acc[0] += int(ev.is_correct(pred, rec.get("answer")))
+                acc[1] += 1
+        _all_reduce(acc)
+        return {"eval/accuracy": (acc[0] / acc[1].clamp(min=1)).item(), "eval/accuracy_n": acc[1].item()}
+
+    # ------------------------------------------------------------------ the run
+    def expert_load(self) -> dict[str, torch.Tensor]:
+        counts = self.engine.module.reset_expert_counts()
+        if not counts:
+            return counts
+        names = list(counts)
+        stacked = torch.stack([counts[n].float().cpu() for n in names])
+        _all_reduce(stacked)
+        return dict(zip(names, stacked))
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        run, t = self.run_cfg, self.run_cfg.train
+        end = self.total_steps if not t.stop_after_steps else min(self.total_steps, t.stop_after_steps)
+        monitor = Monitor(os.path.join(t.output_dir, "tensorboard"), enabled=self.rank == 0,
+                          total_steps=self.total_steps, initial_step=self.start_step)
+        thr = Throughput()
+        history: list[dict] = []
+        metrics: dict[str, float] = {}
+        t0 = time.time()
+        for step in range(self.start_step, end):
+            res = self.train_step(step)
+            thr.update(int(res["tokens"]))
+            done = step + 1
+            history.append({"step": done, "loss": res["loss"], "aux_loss": res["aux_loss"]})
+            if done % t.log_every == 0 or done == end:
+                monitor.log_scalars(done, {"train/loss": res["loss"], "train/aux_loss": res["aux_loss"],
+                                           "train/lr": res["lr"], "train/grad_norm": res["grad_norm"],
+                                           "train/tokens_per_s": thr.rate()})
+                monitor.log_expert_load(done, self.expert_load())
+                thr.reset()
+            if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
+                metrics = self.evaluate()
+                monitor.log_scalars(done, metrics)
+            if (t.save_every and done % t.save_every == 0) or done == end:
+                save_checkpoint(self.engine, run, done, self.world)
+            monitor.advance(1)
+        final_step = max(end, self.start_step)
+        finished = final_step >= self.total_steps
+        if finished:
+            metrics = self.evaluate()
+            monitor.log_scalars(final_step, metrics)
+            export_adapter(self.engine.module, os.path.join(t.output_dir, "adapter"))
+        elapsed = time.time() - t0
+        trainable, total = self.engine.module.parameter_counts()
+        summary = {
+            "finished": finished, "global_step": final_step, "total_steps": self.total_steps,
+            "resumed_from": self.resume_from, "world_size": self.world,
+            "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
+            "trainable_params": trainable, "total_params": total,
+            "train_examples": len(self.data.train),
+            "eval_examples": 0 if self.data.eval is None else len(self.data.eval),
+            "truncated_train": self.data.num_truncated_train,
+            "truncated_eval": self.data.num_truncated_eval,
+            "final_metrics": metrics, "history": history,
+            "wall_time_s": elapsed,
+            "steps_per_s": (final_step - self.start_step) / elapsed if elapsed > 0 else None,
+            "config": run.to_dict(), "ds_config": self.ds,
+        }
+        if self.rank == 0:
+            monitor.write_summary(os.path.join(t.output_dir, "summary.json"), summary)
+        monitor.close()
+        return summary
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

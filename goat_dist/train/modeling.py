@@ -1,0 +1,159 @@
+"""Model loading (local HF folders or tiny presets), ZeRO-3 aware, and GOAT injection.
+
+Under ZeRO-3 a model folder is loaded partitioned: ``HfDeepSpeedConfig`` is created before
+``from_pretrained`` (and kept alive), so transformers builds the model inside ``zero.Init`` and no
+rank ever holds the full backbone. GOAT's SVD then needs one full weight at a time: each target
+weight is gathered with ``GatheredParameters``, one rank computes its priors and broadcasts them.
+GoatLinear is registered as a ZeRO-3 leaf module so its base weight is fetched once for router,
+base GEMM and experts.
+
+Presets are tiny random models built from a config in code (seeded, identical on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import GoatConfig
+from ..layer import GoatLinear
+from ..model import GoatModel, get_goat_model
+from ..svd import GoatPriors, layer_priors
+from .config import ConfigError, ModelConfig
+
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def preset_config(preset: str, vocab_size: int, num_labels: int = 2, pad_token_id: int = 0):
+    """A tiny transformers config for a preset (hidden 64, 2 layers)."""
+    from transformers import BertConfig, LlamaConfig, RobertaConfig
+
+    if preset == "tiny-llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                           max_position_embeddings=1024, pad_token_id=pad_token_id,
+                           bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, vocab_size=vocab_size, num_labels=num_labels,
+                  pad_token_id=pad_token_id, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    if preset == "tiny-bert":
+        return BertConfig(max_position_embeddings=512, **common)
+    if preset == "tiny-roberta":
+        return RobertaConfig(max_position_embeddings=514, **common)
+    raise ConfigError(f"unknown model preset {preset!r}")
+
+
+def build_preset(preset: str, vocab_size: int, num_labels: int = 2, seed: int = 0,
+                 pad_token_id: int = 0) -> nn.Module:
+    """Build a tiny preset model with weights drawn from ``seed`` (same on every rank)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification)
+
+    cfg = preset_config(preset, vocab_size, num_labels, pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if preset == "tiny-llama":
+            return AutoModelForCausalLM.from_config(cfg)
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def load_base_model(mcfg: ModelConfig, vocab_size: int, num_labels: int, seed: int,
+                    pad_token_id: int, ds_config: Optional[dict]) -> tuple[nn.Module, object]:
+    """The frozen base model.
+
+    Returns:
+        (model, keepalive): keepalive is the HfDeepSpeedConfig that must outlive the model
+        under ZeRO-3 (transformers holds it through a weak reference), or None.
+    """
+    dtype = getattr(torch, mcfg.dtype)
+    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if mcfg.preset is not None:
+        model = build_preset(mcfg.preset, vocab_size, num_labels, seed, pad_token_id).to(dtype)
+        return model, None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    keepalive = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keepalive = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained
+    try:
+        AutoConfig.from_pretrained(mcfg.name_or_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path={mcfg.name_or_path!r} is not a local Hugging Face "
+                          f"model folder ({str(e).splitlines()[0]}); convert or download it first "
+                          f"(see scripts/convert_smollm2.py)") from None
+    kwargs = dict(local_files_only=True, dtype=dtype)
+    if mcfg.task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(mcfg.name_or_path, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            mcfg.name_or_path, num_labels=num_labels, **kwargs)
+    return model, keepalive
+
+
+def embedding_rows(model: nn.Module) -> int:
+    emb = model.get_input_embeddings().weight
+    return int(getattr(emb, "ds_shape", emb.shape)[0])
+
+
+def _gather(params, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def broadcast_priors_fn(src: int = 0):
+    """priors_fn for get_goat_model: rank ``src`` computes each layer's priors, all ranks get them.
+
+    The weight is gathered if ZeRO-3 partitioned it (one full weight at a time). Every rank
+    must call this for every layer in the same order (collectives).
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def fn(name: str, base: nn.Linear, cfg: GoatConfig, scale: float) -> GoatPriors:
+        w = base.weight
+        partitioned = hasattr(w, "ds_id")
+        with _gather([w], partitioned):
+            if not distributed or dist.get_rank() == src:
+                pri = layer_priors(w.detach().float().cpu(), cfg, scale)
+            else:
+                pri = None
+        if not distributed:
+            return pri
+        m, n = base.out_features, base.in_features
+        E, r_e = cfg.num_experts, cfg.expert_rank
+        n_a = 1 if cfg.init == "hydralora" else E
+        A = pri.A.contiguous() if pri is not None else torch.empty(n_a, r_e, n)
+        B = pri.B.contiguous() if pri is not None else torch.empty(E, m, r_e)
+        dist.broadcast(A, src)
+        dist.broadcast(B, src)
+        return GoatPriors(A=A, B=B, svd_based=cfg.init not in ("molora", "hydralora"))
+
+    return fn
+
+
+def resolve_modules_to_save(model: nn.Module, goat_cfg: GoatConfig, task: str) -> GoatConfig:
+    """A classification head must train and be saved with the adapter: default it by name."""
+    if task != "seq_cls" or goat_cfg.modules_to_save:
+        return goat_cfg
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    head = next((h for h in CLASSIFIER_HEADS if h in names), None)
+    if head is None:
+        raise ConfigError("model.task=seq_cls but no classification head (classifier/score) was "
+                          "found; set goat.modules_to_save to the head's module name")
+    goat_cfg.modules_to_save = [head]
+    return goat_cfg
+
+
+def inject_goat(model: nn.Module, goat_cfg: GoatConfig, zero3: bool) -> GoatModel:
+    """Inject GOAT (priors from rank 0, gathered under ZeRO-3) and mark GoatLinear as a z3 leaf."""
+    goat = get_goat_model(model, goat_cfg, priors_fn=broadcast_priors_fn())
+    if zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(goat, [GoatLinear])
+    return goat

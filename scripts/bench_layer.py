@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Forward+backward time of ONE adapted linear: base vs LoRA vs GoatLinear vs the official loop.
+
+Variants, measured side by side in one run (same input x, same upstream gradient g):
+
+  base          frozen nn.Linear (weight.requires_grad=False); x.requires_grad=True, so the
+                backward computes grad_x (the cost every adapted layer pays anyway).
+  lora          plain LoRA of the same total rank r: y = base(x) + s * (x A^T) B^T, A (r, n) and
+                B (m, r) trainable, no dropout.
+  goat_dense    goat_dist.layer.GoatLinear, compute="dense", init="goat" (SVD priors, so the
+                exact W_res correction res_A/res_B is active), lora_dropout=0, training mode
+                (router statistics / aux loss recorded, as in training).
+  goat_grouped  the same layer with compute="grouped" (same parameters).
+  loop          the official per-expert loop (Facico/GOAT-PEFT TopKGOATLayer, as tests/oracle.py
+                reference_forward): one base GEMM with W_res PRE-COMPUTED once into a plain frozen
+                weight (the official code subtracts it in place at init, so it is not rebuilt
+                per call), fp32 router, softmax -> top-k -> renormalise, then a Python loop over
+                the E experts (one nn.Linear pair each, as officially) with torch.where, a gather,
+                two tiny GEMMs and an index-put accumulation; plus the bincount aux loss.
+
+"goat_auto" in the summary is whichever path GoatLinear picks with compute="auto" (dense unless
+r >= grouped_min_rank and top_k < E); it is not timed separately.
+
+Each timed step: zero grads (set_to_none), y = layer(x), loss = (y * g).sum(), loss.backward()
+(on CUDA: synchronize before and after). Variants are interleaved round-robin (rotating the
+starting variant each round) for --iters rounds after --warmup rounds; medians are reported.
+
+dtype: float32 runs everything in fp32. bfloat16 puts the base weight, the input x and g in bf16
+while every adapter (LoRA A/B, GOAT experts, routers, correction factors, loop experts) stays fp32
+as GoatLinear keeps them: the adapter branch runs on x.float() and the sum is cast back to bf16
+(as peft does with fp32 adapters on a bf16 model). The loop's W_res is rounded to bf16, as the
+official in-place subtraction does.
+
+Before timing, the dense and grouped GOAT outputs are compared with the loop's output (relative
+Frobenius error; must be < 1e-4 in fp32, < 3e-2 in bf16 where the loop's bf16 W_res drops most of
+the correction), and the gradients of the expert factors are compared too (informational).
+
+Output: a table, then as the LAST line one JSON object (ratios, raw medians in ms, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from goat_dist.config import GoatConfig  # noqa: E402
+from goat_dist.layer import GoatLinear  # noqa: E402
+from goat_dist.svd import svd_priors  # noqa: E402
+
+
+# --------------------------------------------------------------------------- baselines
+class LoRALinear(nn.Module):
+    """Plain LoRA: y = base(x) + s * (x A^T) B^T; adapters in fp32 (x cast to it, out cast back)."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, generator: torch.Generator):
+        super().__init__()
+        self.base_layer = base
+        n, m = base.in_features, base.out_features
+        dev = base.weight.device
+        bound = 1.0 / math.sqrt(n)
+        # Non-zero B so every gradient is generic (timing does not depend on the values).
+        self.lora_A = nn.Parameter((torch.rand(r, n, generator=generator) * 2 - 1).mul_(bound).to(dev))
+        self.lora_B = nn.Parameter((torch.randn(m, r, generator=generator) * 0.01).to(dev))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        xa = x.to(self.lora_A.dtype)
+        return (y + F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scale).to(x.dtype)
+
+
+class LoopGoat(nn.Module):
+    """The official per-expert loop, with W_res precomputed once into a plain frozen weight.
+
+    Built from a GoatLinear so that it computes the same function (same router, experts, scale).
+    ``expert0_shape=True`` reproduces the official ``torch.zeros_like(self.experts[0](x))``, which
+    runs expert 0 on all tokens only to get the output shape (off by default, like the oracle).
+    """
+
+    def __init__(self, layer: GoatLinear, dtype: torch.dtype, expert0_shape: bool = False):
+        super().__init__()
+        base = layer.base_layer
+        W = base.weight.detach().double()
+        if layer.res_A is not None:
+            W = W + layer.res_B.double() @ layer.res_A.double()   # W_res, once, in float64
+        self.weight = nn.Parameter(W.to(dtype), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(),
+                                                                requires_grad=False)
+        n, m, E, r_e = layer.in_features, layer.out_features, layer.num_experts, layer.expert_rank
+        dev = W.device
+        self.lora_router = nn.Linear(n, E, bias=False, device=dev)
+        self.lora_router.weight.data.copy_(layer.lora_router.weight.detach())
+        self.experts = nn.ModuleList()
+        for i in range(E):
+            a = nn.Linear(n, r_e, bias=False, device=dev)
+            b = nn.Linear(r_e, m, bias=False, device=dev)
+            a.weight.data.copy_(layer.lora_A.detach()[0 if layer.lora_A.shape[0] == 1 else i])
+            b.weight.data.copy_(layer.lora_B.detach()[i])
+            self.experts.append(nn.Sequential(a, b))
+        self.top_k, self.num_experts, self.scale = layer.top_k, E, layer.scale
+        self.expert0_shape = expert0_shape
+        self.last_aux_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        base = F.linear(x2, self.weight, self.bias)
+        xa = x2.float()                                    # fp32 adapters, as GoatLinear
+        probs = F.softmax(self.lora_router(xa), dim=-1, dtype=torch.float)
+        w, sel = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        if self.expert0_shape:
+            results = torch.zeros_like(self.experts[0](xa))
+        else:
+            results = torch.zeros(xa.shape[0], base.shape[1], dtype=xa.dtype, device=xa.device)
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth = torch.where(sel == i)
+            results[batch_idx] += w[batch_idx, nth, None] * expert(xa[batch_idx]) * self.scale
+        E = self.num_experts
+        counts = torch.bincount(sel.reshape(-1), minlength=E).float()
+        self.last_aux_loss = E * torch.sum(counts / probs.shape[0] * probs.mean(0))
+        return (base.float() + results).to(x.dtype).reshape(*lead, -1)
+
+
+# --------------------------------------------------------------------------- helpers
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    mod.zero_grad(set_to_none=True)
+    x.grad = None
+    y = mod(x)
+    (y * g).sum().backward()
+
+
+def build(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    n, m, N = args.n, args.m, args.tokens
+
+    # Frozen base with a realistic decaying spectrum is not needed for timing; a scaled Gaussian is.
+    base = nn.Linear(n, m, bias=args.bias, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(m, n, generator=gen).div_(math.sqrt(n)))
+        if base.bias is not None:
+            base.bias.copy_(torch.randn(m, generator=gen) * 0.1)
+    base.to(dtype)
+    base.weight.requires_grad_(False)
+    if base.bias is not None:
+        base.bias.requires_grad_(False)
+
+    def cfg(compute: str) -> GoatConfig:
+        return GoatConfig(r=args.rank, num_experts=args.experts, top_k=args.top_k, init="goat",
+                          lora_dropout=0.0, compute=compute)
+
+    c_dense = cfg("dense")
+    scale = c_dense.scale_for(n)
+    priors = svd_priors(base.weight, c_dense, scale)    # SVD in fp32 on the (possibly bf16) W0
+    goat = {}
+    for path in ("dense", "grouped"):
+        torch.manual_seed(args.seed + 1)                 # identical router init for both paths
+        goat[path] = GoatLinear(base, cfg(path), priors).to(device).train()
+    goat["grouped"].lora_router.weight.data.copy_(goat["dense"].lora_router.weight.data)
+    auto = GoatLinear(base, cfg("auto"), priors).compute   # the path compute="auto" picks
+
+    lora = LoRALinear(base, args.rank, scale, gen).to(device).train()
+    loop = LoopGoat(goat["dense"], dtype, expert0_shape=args.loop_expert0_shape).to(device).train()
+
+    x = torch.randn(N, n, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    g = torch.randn(N, m, generator=gen).to(device=device, dtype=dtype)
+    variants = {
+        "base": base,
+        "lora": lora,
+        "goat_dense": goat["dense"],
+        "goat_grouped": goat["grouped"],
+        "loop": loop,
+    }
+    return device, dtype, variants, auto, x, g
+
+
+def verify(variants, x, g, dtype) -> dict:
+    """Outputs (and expert-factor gradients) of dense/grouped GOAT vs the loop."""
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    loop = variants["loop"]
+    step(loop, x, g)
+    y_loop = loop(x).detach()
+    gA_loop = torch.stack([e[0].weight.grad for e in loop.experts])
+    gB_loop = torch.stack([e[1].weight.grad for e in loop.experts])
+    gx_loop = x.grad.clone()
+    res = {"tol": tol}
+    ok = True
+    for path in ("dense", "grouped"):
+        layer = variants[f"goat_{path}"]
+        step(layer, x, g)
+        y = layer(x).detach()
+        e_y = rel_err(y, y_loop)
+        e_A = rel_err(layer.lora_A.grad, gA_loop)
+        e_B = rel_err(layer.lora_B.grad, gB_loop)
+        e_x = rel_err(x.grad, gx_loop)
+        res[path] = {"out": e_y, "grad_A": e_A, "grad_B": e_B, "grad_x": e_x}
+        good = e_y < tol
+        ok &= good
+        print(f"check goat_{path:7s} vs loop: rel err out {e_y:.2e} ({'OK' if good else 'FAIL'} < {tol:g}); "
+              f"grad_A {e_A:.2e} grad_B {e_B:.2e} grad_x {e_x:.2e}")
+    res["ok"] = ok
+    for mod in variants.values():
+        mod.zero_grad(set_to_none=True)
+    x.grad = None
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2048, help="in_features")
+    p.add_argument("--m", type=int, default=2048, help="out_features")
+    p.add_argument("--tokens", type=int, default=2048, help="N = tokens per step (batch*seq)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rank", type=int, default=32, help="total rank r (GOAT: r/E per expert)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--iters", type=int, default=20, help="timed round-robin rounds")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--bias", action="store_true", help="give the base linear a bias")
+    p.add_argument("--loop-expert0-shape", action="store_true",
+                   help="loop: also run expert 0 on all tokens for the output shape, as the official "
+                        "code does (off by default, as tests/oracle.py)")
+    p.add_argument("--skip", default="", help="comma-separated variants not to time")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+
+    t_build = time.perf_counter()
+    device, dtype, variants, auto, x, g = build(args)
+    t_build = time.perf_counter() - t_build
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else (cpu or platform.processor())
+    print(f"bench_layer: n={args.n} m={args.m} tokens={args.tokens} E={args.experts} "
+          f"top_k={args.top_k} r={args.rank} (r_e={args.rank // args.experts}) dtype={args.dtype} "
+          f"device={args.device} ({hw}) threads={torch.get_num_threads()} torch={torch.__version__}; "
+          f"auto path = {auto}; setup {t_build:.1f}s")
+
+    check = verify(variants, x, g, dtype)
+
+    skip = {s for s in args.skip.split(",") if s}
+    names = [k for k in variants if k not in skip]
+    times = {k: [] for k in names}
+    for rnd in range(args.warmup + args.iters):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for k in order:
+            sync(device)
+            t0 = time.perf_counter()
+            step(variants[k], x, g)
+            sync(device)
+            dt = (time.perf_counter() - t0) * 1e3
+            if rnd >= args.warmup:
+                times[k].append(dt)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    q = {k: (sorted(v)[len(v) // 4], sorted(v)[(3 * len(v)) // 4]) for k, v in times.items()}
+    if f"goat_{auto}" in med:
+        med["goat_auto"] = med[f"goat_{auto}"]
+    b = med.get("base")
+    print()
+    print(f"{'variant':<14}{'median ms':>11}{'  IQR ms':>18}{'x base':>9}")
+    for k in names:
+        rb = f"{med[k] / b:9.3f}" if b else f"{'-':>9}"
+        tag = "  (auto)" if k == f"goat_{auto}" else ""
+        print(f"{k:<14}{med[k]:11.2f}{q[k][0]:9.2f}-{q[k][1]:<8.2f}{rb}{tag}")
+
+    def ratio(a, c):
+        return round(med[a] / med[c], 4) if a in med and c in med else None
+
+    summary = {
+        "goat_over_lora": ratio("goat_auto", "lora"),
+        "goat_dense_over_lora": ratio("goat_dense", "lora"),
+        "goat_grouped_over_lora": ratio("goat_grouped", "lora"),
+        "loop_over_goat": ratio("loop", "goat_auto"),
+        "loop_over_goat_dense": ratio("loop", "goat_dense"),
+        "loop_over_goat_grouped": ratio("loop", "goat_grouped"),
+        "goat_over_base": ratio("goat_auto", "base"),
+        "lora_over_base": ratio("lora", "base"),
+        "auto_path": auto,
+        "median_ms": {k: round(v, 3) for k, v in med.items()},
+        "check": {"ok": check["ok"], "tol": check["tol"],
+                  "dense_rel_err": check["dense"]["out"], "grouped_rel_err": check["grouped"]["out"]},
+        "config": {"n": args.n, "m": args.m, "tokens": args.tokens, "experts": args.experts,
+                   "top_k": args.top_k, "rank": args.rank, "dtype": args.dtype,
+                   "device": args.device, "hardware": hw, "threads": torch.get_num_threads(),
+                   "iters": args.iters, "warmup": args.warmup, "seed": args.seed, "bias": args.bias,
+                   "loop_expert0_shape": args.loop_expert0_shape, "torch": torch.__version__},
+    }
+    print()
+    print(json.dumps(summary))
+    return 0 if check["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
