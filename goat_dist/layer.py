@@ -108,8 +108,9 @@ class GoatLinear(nn.Module):
         Returns:
             probs (N, E) fp32, top_w (N, k) fp32 renormalised, top_i (N, k) int64.
         """
-        w = self.lora_router.weight
-        probs = torch.softmax(F.linear(x.to(w.dtype), w).float(), dim=-1)
+        # Call the submodules (not F.linear on their weights): ZeRO-3 gathers a partitioned
+        # parameter in its owning module's forward hooks.
+        probs = torch.softmax(self.lora_router(x.to(self.lora_router.weight.dtype)).float(), dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return probs, top_w, top_i
@@ -138,9 +139,8 @@ class GoatLinear(nn.Module):
         """x: (..., n) -> (..., m), in x's dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        base = self.base_layer
         cdt = self.lora_A.dtype
-        base_out = F.linear(x2, base.weight, base.bias).to(cdt)
+        base_out = self.base_layer(x2).to(cdt)
         xa = x2.to(cdt)
         probs, top_w, top_i = self.route(xa)
         if self.training:

@@ -134,10 +134,97 @@ class LoopGoat(nn.Module):
         return (base.float() + results).to(x.dtype).reshape(*lead, -1)
 
 
+# --------------------------------------------------------------------------- prototype
+class _RowFrozenLinear(torch.autograd.Function):
+    """y = x @ cat([W_t, W_f], 0)^T; the backward computes no gradient for the frozen rows W_f."""
+
+    @staticmethod
+    def forward(ctx, x, W_t, W_f):
+        W = torch.cat([W_t, W_f], 0)
+        ctx.save_for_backward(x, W)
+        ctx.k = W_t.shape[0]
+        return x @ W.t()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W = ctx.saved_tensors
+        gx = gy @ W if ctx.needs_input_grad[0] else None
+        gWt = gy[:, :ctx.k].t() @ x
+        return gx, gWt, None
+
+
+class _ColFrozenAddmm(torch.autograd.Function):
+    """out = base + H @ cat([B_t, B_f], 1)^T; no gradient for the frozen columns B_f."""
+
+    @staticmethod
+    def forward(ctx, base, H, B_t, B_f):
+        W = torch.cat([B_t, B_f], 1)
+        ctx.save_for_backward(H, W)
+        ctx.k = B_t.shape[1]
+        return torch.addmm(base, H, W.t())
+
+    @staticmethod
+    def backward(ctx, go):
+        H, W = ctx.saved_tensors
+        return go, go @ W, go.t() @ H[:, :ctx.k], None
+
+
+class FusedDenseGoat(nn.Module):
+    """PROTOTYPE of a faster dense path, sharing a GoatLinear's parameters (same function).
+
+    Differences from goat_dist's dense path (no dropout, SVD init with a correction):
+      1. the router GEMM is fused into the first-stage GEMM: x @ [A_cat; W_router; res_A]^T
+         (width r + E + r instead of a separate width-E GEMM, its width-E backward GEMM and one
+         more N x n grad_x accumulation);
+      2. custom backward: no weight gradient is computed for the frozen res_A rows / res_B columns
+         (autograd computes the full (2r x n) and (m x 2r) gradients of the concatenations and
+         throws half away).
+    """
+
+    def __init__(self, layer: GoatLinear):
+        super().__init__()
+        assert layer.res_A is not None and layer.dropout == 0 and layer.lora_A.shape[0] == layer.num_experts
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.layer
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, L.in_features)
+        cdt = L.lora_A.dtype
+        base_out = F.linear(x2, L.base_layer.weight, L.base_layer.bias).to(cdt)
+        xa = x2.to(cdt)
+        E, m, r_e = L.lora_B.shape
+        r = E * r_e
+        A_cat = L.lora_A.reshape(r, -1)
+        W_t = torch.cat([A_cat, L.lora_router.weight.to(cdt)], 0)       # (r + E, n) trainable
+        pre = _RowFrozenLinear.apply(xa, W_t, L.res_A.to(cdt))          # (N, r + E + r)
+        h_e, logits, h_c = pre.split([r, E, r], dim=1)                  # one backward node
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_i = probs.topk(L.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if L.training:
+            L._record_stats(probs, top_i, None)
+        g = torch.zeros_like(probs).scatter(1, top_i, top_w * L.scale).to(cdt)
+        g = g.repeat_interleave(r_e, dim=1) if r_e > 1 else g
+        H = torch.cat([h_e * g, h_c], 1)                                  # (N, 2r)
+        B_cat = L.lora_B.permute(1, 0, 2).reshape(m, r)
+        out = _ColFrozenAddmm.apply(base_out, H, B_cat, L.res_B.to(cdt))
+        return out.to(x.dtype).reshape(*lead, L.out_features)
+
+
 # --------------------------------------------------------------------------- helpers
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 10 s some task waited for a CPU (other load on a shared machine)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def sync(device: torch.device) -> None:
@@ -196,6 +283,8 @@ def build(args):
         "goat_grouped": goat["grouped"],
         "loop": loop,
     }
+    if args.prototype:
+        variants["goat_fused"] = FusedDenseGoat(goat["dense"]).train()
     return device, dtype, variants, auto, x, g
 
 
@@ -207,22 +296,28 @@ def verify(variants, x, g, dtype) -> dict:
     y_loop = loop(x).detach()
     gA_loop = torch.stack([e[0].weight.grad for e in loop.experts])
     gB_loop = torch.stack([e[1].weight.grad for e in loop.experts])
+    gR_loop = loop.lora_router.weight.grad.clone()
     gx_loop = x.grad.clone()
     res = {"tol": tol}
     ok = True
-    for path in ("dense", "grouped"):
-        layer = variants[f"goat_{path}"]
-        step(layer, x, g)
-        y = layer(x).detach()
+    for path in ("dense", "grouped", "fused"):
+        if f"goat_{path}" not in variants:
+            continue
+        mod = variants[f"goat_{path}"]
+        layer = getattr(mod, "layer", mod)
+        layer.zero_grad(set_to_none=True)
+        step(mod, x, g)
+        y = mod(x).detach()
         e_y = rel_err(y, y_loop)
         e_A = rel_err(layer.lora_A.grad, gA_loop)
         e_B = rel_err(layer.lora_B.grad, gB_loop)
+        e_R = rel_err(layer.lora_router.weight.grad, gR_loop)
         e_x = rel_err(x.grad, gx_loop)
-        res[path] = {"out": e_y, "grad_A": e_A, "grad_B": e_B, "grad_x": e_x}
+        res[path] = {"out": e_y, "grad_A": e_A, "grad_B": e_B, "grad_router": e_R, "grad_x": e_x}
         good = e_y < tol
         ok &= good
         print(f"check goat_{path:7s} vs loop: rel err out {e_y:.2e} ({'OK' if good else 'FAIL'} < {tol:g}); "
-              f"grad_A {e_A:.2e} grad_B {e_B:.2e} grad_x {e_x:.2e}")
+              f"grad_A {e_A:.2e} grad_B {e_B:.2e} grad_router {e_R:.2e} grad_x {e_x:.2e}")
     res["ok"] = ok
     for mod in variants.values():
         mod.zero_grad(set_to_none=True)
@@ -249,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--loop-expert0-shape", action="store_true",
                    help="loop: also run expert 0 on all tokens for the output shape, as the official "
                         "code does (off by default, as tests/oracle.py)")
+    p.add_argument("--prototype", action="store_true",
+                   help="also time goat_fused, a prototype of a faster dense path (see FusedDenseGoat)")
     p.add_argument("--skip", default="", help="comma-separated variants not to time")
     args = p.parse_args(argv)
 
@@ -274,6 +371,7 @@ def main(argv=None) -> int:
 
     check = verify(variants, x, g, dtype)
 
+    psi_start = cpu_pressure()
     skip = {s for s in args.skip.split(",") if s}
     names = [k for k in variants if k not in skip]
     times = {k: [] for k in names}
@@ -288,20 +386,36 @@ def main(argv=None) -> int:
             if rnd >= args.warmup:
                 times[k].append(dt)
 
+    psi_end = cpu_pressure()
     med = {k: statistics.median(v) for k, v in times.items()}
+    mins = {k: min(v) for k, v in times.items()}
+    # Paired ratios: a/b within the same round, then the median over rounds. More robust than the
+    # ratio of medians when the machine's load drifts during the run (shared CPUs).
+    paired = dict(times)
+    if f"goat_{auto}" in times:
+        paired["goat_auto"] = times[f"goat_{auto}"]
     q = {k: (sorted(v)[len(v) // 4], sorted(v)[(3 * len(v)) // 4]) for k, v in times.items()}
     if f"goat_{auto}" in med:
         med["goat_auto"] = med[f"goat_{auto}"]
     b = med.get("base")
     print()
-    print(f"{'variant':<14}{'median ms':>11}{'  IQR ms':>18}{'x base':>9}")
+    if psi_start is not None:
+        print(f"CPU pressure (PSI some avg10, other load) at start/end of timing: {psi_start:.0f}% / {psi_end:.0f}%")
+    print(f"{'variant':<14}{'median ms':>11}{'IQR ms':>19}{'min ms':>10}{'x base':>9}{'x base paired':>15}")
     for k in names:
         rb = f"{med[k] / b:9.3f}" if b else f"{'-':>9}"
+        pb = (f"{statistics.median(u / v for u, v in zip(times[k], times['base'])):15.3f}"
+              if b else f"{'-':>15}")
         tag = "  (auto)" if k == f"goat_{auto}" else ""
-        print(f"{k:<14}{med[k]:11.2f}{q[k][0]:9.2f}-{q[k][1]:<8.2f}{rb}{tag}")
+        print(f"{k:<14}{med[k]:11.2f}{q[k][0]:10.2f}-{q[k][1]:<8.2f}{mins[k]:10.2f}{rb}{pb}{tag}")
 
     def ratio(a, c):
         return round(med[a] / med[c], 4) if a in med and c in med else None
+
+    def pratio(a, c):
+        if a not in paired or c not in paired:
+            return None
+        return round(statistics.median(x / y for x, y in zip(paired[a], paired[c])), 4)
 
     summary = {
         "goat_over_lora": ratio("goat_auto", "lora"),
@@ -310,17 +424,25 @@ def main(argv=None) -> int:
         "loop_over_goat": ratio("loop", "goat_auto"),
         "loop_over_goat_dense": ratio("loop", "goat_dense"),
         "loop_over_goat_grouped": ratio("loop", "goat_grouped"),
+        "goat_fused_over_lora": ratio("goat_fused", "lora"),
         "goat_over_base": ratio("goat_auto", "base"),
         "lora_over_base": ratio("lora", "base"),
+        "paired": {"goat_over_lora": pratio("goat_auto", "lora"),
+                   "goat_dense_over_lora": pratio("goat_dense", "lora"),
+                   "goat_grouped_over_lora": pratio("goat_grouped", "lora"),
+                   "loop_over_goat": pratio("loop", "goat_auto"),
+                   "goat_over_base": pratio("goat_auto", "base")},
         "auto_path": auto,
         "median_ms": {k: round(v, 3) for k, v in med.items()},
+        "min_ms": {k: round(v, 3) for k, v in mins.items()},
         "check": {"ok": check["ok"], "tol": check["tol"],
-                  "dense_rel_err": check["dense"]["out"], "grouped_rel_err": check["grouped"]["out"]},
+                  **{f"{k}_rel_err": v["out"] for k, v in check.items() if isinstance(v, dict)}},
         "config": {"n": args.n, "m": args.m, "tokens": args.tokens, "experts": args.experts,
                    "top_k": args.top_k, "rank": args.rank, "dtype": args.dtype,
                    "device": args.device, "hardware": hw, "threads": torch.get_num_threads(),
                    "iters": args.iters, "warmup": args.warmup, "seed": args.seed, "bias": args.bias,
-                   "loop_expert0_shape": args.loop_expert0_shape, "torch": torch.__version__},
+                   "loop_expert0_shape": args.loop_expert0_shape, "torch": torch.__version__,
+                   "cpu_pressure_avg10": [psi_start, psi_end]},
     }
     print()
     print(json.dumps(summary))

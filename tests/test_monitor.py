@@ -26,7 +26,8 @@ def test_scalars_and_expert_load_round_trip(tmp_path):
     mon = Monitor(log_dir, enabled=True, total_steps=10)
     mon.log_scalars(1, {"train/loss": 2.5, "train/lr": 1e-4, "train/grad_norm": torch.tensor(0.75)})
     mon.advance()
-    mon.log_scalars(2, {"train/loss": 2.0, "train/lr": 2e-4, "eval/accuracy": 0.5})
+    mon.log_scalars(2, {"train/loss": 2.0, "train/lr": 2e-4, "eval/accuracy": 0.5,
+                        "train/grad_norm": None})  # None is skipped
     mon.advance()
     counts = {"base_model.model.layers.0.self_attn.q_proj": torch.tensor([10, 10, 10, 10]),
               "base_model.model.layers.0.mlp.down_proj": torch.tensor([40, 0, 0, 0]),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .checkpoint import (check_resumable, checkpoint_dir, export_adapter, latest_checkpoint,
                          load_checkpoint, save_checkpoint)
 from .config import ConfigError, RunConfig
-from .data import StepPlan, collate, prepare_data
+from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
 from .ds_config import resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
 from .monitor import Monitor, Throughput
@@ -55,14 +55,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _records_text(path: str, fmt: str, text_field: str) -> list[str]:
-    from .data import load_records
-    ds = load_records(path)
-    if fmt == "instruction":
-        return [" ".join(str(r.get(k) or "") for k in ("instruction", "input", "output")) for r in ds]
-    return [str(r[text_field]) for r in ds]
-
-
 def _prepare_output_dir(run: RunConfig) -> Optional[str]:
     """Decide where to resume from; refuse to clobber another run. Writes nothing."""
     t = run.train
@@ -84,18 +76,17 @@ def _prepare_output_dir(run: RunConfig) -> Optional[str]:
     return None
 
 
-def _build_tokenizer(run: RunConfig, rank: int):
+def _build_tokenizer(run: RunConfig, rank: int, splits: RecordSplits):
     m, d = run.model, run.data
     if m.tokenizer is not None:
         return load_tokenizer(m.tokenizer)
     if m.name_or_path is not None:
         return load_tokenizer(m.name_or_path)
-    # Preset model: train a small sentencepiece tokenizer from the training text (rank 0),
-    # then every rank loads the same files.
+    # Preset model: train a small sentencepiece tokenizer on the training split's prompts and
+    # responses (rank 0), then every rank loads the same files.
     tok_dir = os.path.join(run.train.output_dir, "tokenizer")
     if rank == 0 and not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
-        train_sentencepiece_tokenizer(_records_text(d.train_file, d.format, d.text_field),
-                                      m.vocab_size, tok_dir)
+        train_sentencepiece_tokenizer(corpus_texts(splits.train, d), m.vocab_size, tok_dir)
     if dist.is_initialized():
         dist.barrier()
     return load_tokenizer(tok_dir)
@@ -153,13 +144,14 @@ class Trainer:
         if self.resume_from is not None:
             check_resumable(self.resume_from, run, self.world)
         set_seed(t.seed)
-        self.tokenizer = _build_tokenizer(run, self.rank)
-        self.data = prepare_data(run.data, self.tokenizer, self.task, t.seed)
+        splits = load_splits(run.data, self.task, t.seed)      # bad data fails before any write
+        self.tokenizer = _build_tokenizer(run, self.rank, splits)
+        self.data = prepare_data(run.data, self.tokenizer, self.task, t.seed, splits=splits)
         self.plan = StepPlan(len(self.data.train), t.micro_batch_size,
                              t.gradient_accumulation_steps, self.world, self.rank, t.seed)
         spe = self.plan.steps_per_epoch
         self.total_steps = t.max_steps or max(1, int(math.floor(t.num_epochs * spe)))
-        num_labels = run.model.num_labels or len(self.data.label_names or []) or 2
+        num_labels = run.model.num_labels or self.data.num_labels or 2
         pad_id = self.tokenizer.pad_token_id
         model, self._keepalive = load_base_model(run.model, len(self.tokenizer), num_labels,
                                                  t.seed, pad_id, self.ds if self.zero3 else None)
@@ -168,7 +160,7 @@ class Trainer:
             model.config.pad_token_id = pad_id
         goat_cfg = resolve_modules_to_save(model, run.goat, self.task)
         set_seed(t.seed)  # router init identical on every rank and every world size
-        self.goat = inject_goat(model, goat_cfg, self.zero3)
+        self.goat = inject_goat(model, goat_cfg)
         self._init_engine()
         self.start_step = 0
         if self.resume_from is not None:
@@ -291,10 +283,10 @@ class Trainer:
             _all_reduce(scores)
             picks = ev.pick_options(cands, scores.tolist())
             correct = total = 0
-            for rec_idx, opt in picks.items() if isinstance(picks, dict) else enumerate(picks):
+            for rec_idx, opt in enumerate(picks):
                 rec = records[rec_idx]
                 options = ev.answer_options(rec)
-                if options is None or opt is None:
+                if options is None or opt is None or opt < 0:
                     continue
                 total += 1
                 correct += int(ev.is_correct(options[opt], rec.get("answer")))

@@ -4,8 +4,8 @@ Under ZeRO-3 a model folder is loaded partitioned: ``HfDeepSpeedConfig`` is crea
 ``from_pretrained`` (and kept alive), so transformers builds the model inside ``zero.Init`` and no
 rank ever holds the full backbone. GOAT's SVD then needs one full weight at a time: each target
 weight is gathered with ``GatheredParameters``, one rank computes its priors and broadcasts them.
-GoatLinear is registered as a ZeRO-3 leaf module so its base weight is fetched once for router,
-base GEMM and experts.
+GoatLinear calls its base layer and router as submodules, so ZeRO-3's per-module hooks gather
+one frozen weight at a time (see inject_goat for why it is not a leaf module).
 
 Presets are tiny random models built from a config in code (seeded, identical on every rank).
 """
@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import GoatConfig
-from ..layer import GoatLinear
 from ..model import GoatModel, get_goat_model
 from ..svd import GoatPriors, layer_priors
 from .config import ConfigError, ModelConfig
@@ -150,10 +149,15 @@ def resolve_modules_to_save(model: nn.Module, goat_cfg: GoatConfig, task: str) -
     return goat_cfg
 
 
-def inject_goat(model: nn.Module, goat_cfg: GoatConfig, zero3: bool) -> GoatModel:
-    """Inject GOAT (priors from rank 0, gathered under ZeRO-3) and mark GoatLinear as a z3 leaf."""
-    goat = get_goat_model(model, goat_cfg, priors_fn=broadcast_priors_fn())
-    if zero3:
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(goat, [GoatLinear])
-    return goat
+def inject_goat(model: nn.Module, goat_cfg: GoatConfig) -> GoatModel:
+    """Inject GOAT with priors computed on rank 0 (weights gathered one at a time under ZeRO-3).
+
+    GoatLinear is deliberately NOT registered as a ZeRO-3 leaf module. Leaf modules exist for MoE
+    blocks whose experts run data-dependently (an expert unused on one rank breaks ZeRO-3's
+    prefetch trace and its reduce-scatter). Both GOAT compute paths touch every expert parameter
+    on every forward (stacked tensors), so the trace is static without it, and GoatLinear calls
+    its submodules (base_layer, lora_router) so their own hooks gather them. With DeepSpeed
+    0.19.8 the leaf path released the persistent expert tensors before backward (shape-0
+    gradient mismatch), see docs/ARCHITECTURE.md.
+    """
+    return get_goat_model(model, goat_cfg, priors_fn=broadcast_priors_fn())

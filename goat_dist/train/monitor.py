@@ -66,9 +66,14 @@ class Monitor:
 
     # ------------------------------------------------------------------ scalars
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Write ``scalars`` (tag -> value, e.g. ``train/loss``) at ``step``; show loss/lr on the bar."""
+        """Write ``scalars`` (tag -> value, e.g. ``train/loss``) at ``step``; show loss/lr on the bar.
+
+        Values may be floats, ints or 0-d tensors; ``None`` (e.g. a grad norm DeepSpeed did not
+        compute on this step) is skipped rather than failing the run.
+        """
         if not self.enabled:
             return
+        scalars = {tag: value for tag, value in scalars.items() if value is not None}
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, _to_float(value), global_step=step)
         postfix = {}

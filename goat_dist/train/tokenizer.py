@@ -80,7 +80,7 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], vocab_size: int,
     path = os.path.join(out_dir, "tokenizer.model")
     with open(path, "wb") as f:
         f.write(model.getvalue())
-    tok = LlamaTokenizer.from_pretrained(out_dir, local_files_only=True)
+    tok = _llama_from_model_dir(out_dir)
     tok.pad_token = tok.convert_ids_to_tokens(PAD_ID)
     if len(tok) < vocab_size:
         warnings.warn(f"the training text supports only {len(tok)} of the requested "
@@ -89,12 +89,22 @@ def train_sentencepiece_tokenizer(texts: Iterable[str], vocab_size: int,
     return tok
 
 
+def _llama_from_model_dir(path: str) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer of ``path/tokenizer.model`` (the working way to load one).
+
+    add_bos_token: a bare tokenizer.model loads with bos off in transformers 5, but Llama models
+    expect "<s>" first (as Llama's own tokenizer configs set). It is saved in tokenizer.json's
+    post-processor, so reloads of a saved folder add it too.
+    """
+    return LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=True)
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Load a local tokenizer: a transformers folder, or a sentencepiece ``.model`` file.
 
     A ``.model`` file is copied as ``tokenizer.model`` into a temporary folder and loaded with
-    ``LlamaTokenizer.from_pretrained`` (the only working way, see the module docstring); the
-    tokenizer lives in memory afterwards, so the folder is removed.
+    ``LlamaTokenizer.from_pretrained`` (the only working way, see the module docstring), adding
+    bos like Llama; the tokenizer lives in memory afterwards, so the folder is removed.
 
     Pad token: kept if the tokenizer has one; otherwise the unk token, else the eos token. The pad
     id only fills positions that attention_mask hides and labels ignore (-100), so its value does
@@ -113,7 +123,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         elif path.endswith(".model"):
             with tempfile.TemporaryDirectory(prefix="goat_tok_") as tmp:
                 shutil.copyfile(path, os.path.join(tmp, "tokenizer.model"))
-                tok = LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
+                tok = _llama_from_model_dir(tmp)
         else:
             raise TokenizerError(f"tokenizer {path!r} is a file but not a sentencepiece .model; "
                                  f"give a tokenizer folder or a .model file")
