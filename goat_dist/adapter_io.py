@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import GoatConfig
-from .model import GoatModel, get_goat_model
+from .config import GoatConfig, GoatConfigError
+from .model import GoatModel, _under, get_goat_model, saved_module_prefixes
 from .svd import GoatPriors
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,8 +59,12 @@ def _atomic_dir_write(path: str, files: dict[str, callable]) -> None:
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp_adapter_", dir=parent)
-    for fname, writer in files.items():
-        writer(os.path.join(tmp, fname))
+    try:
+        for fname, writer in files.items():
+            writer(os.path.join(tmp, fname))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(path):
         old = tempfile.mkdtemp(prefix=".old_adapter_", dir=parent)
         os.rename(path, os.path.join(old, "x"))
@@ -116,9 +120,13 @@ def read_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise AdapterLoadError(f"{cfg_path} is not valid JSON ({e}); re-export the adapter") from None
-    if meta.get("format") != "goat_dist-adapter":
+    if not isinstance(meta, dict) or meta.get("format") != "goat_dist-adapter":
         raise AdapterLoadError(f"{cfg_path} is not a goat_dist adapter config (format="
-                               f"{meta.get('format')!r})")
+                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    missing = [k for k in ("goat_config", "layers", "base_model") if k not in meta]
+    if missing:
+        raise AdapterLoadError(f"{cfg_path} lacks {missing}; the adapter folder is damaged, "
+                               f"re-export it")
     try:
         tensors = load_file(w_path)
     except Exception as e:  # safetensors raises several types for corrupt files
@@ -136,22 +144,13 @@ def load_adapter(model: nn.Module, path: str) -> GoatModel:
         AdapterLoadError: missing/corrupt files, or an adapter made for a different model.
     """
     meta, tensors = read_adapter(path)
-    cfg = GoatConfig.from_dict(meta["goat_config"])
+    try:
+        cfg = GoatConfig.from_dict(meta["goat_config"])
+    except GoatConfigError as e:
+        raise AdapterLoadError(f"the adapter config in {path!r} is invalid ({e}); re-export it") from None
     layers_meta = meta["layers"]
-
-    # Validate against the model before touching it.
-    for name, info in layers_meta.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterLoadError(f"adapter layer {name!r} does not exist in this model: the "
-                                   f"adapter at {path!r} was trained on a different architecture "
-                                   f"({meta['base_model'].get('model_type')})") from None
-        if not isinstance(mod, nn.Linear) or (mod.out_features, mod.in_features) != (
-                info["out_features"], info["in_features"]):
-            raise AdapterLoadError(f"adapter layer {name!r} expects an nn.Linear "
-                                   f"{info['out_features']}x{info['in_features']} but the model has "
-                                   f"{mod}; load it onto the base model it was trained on")
+    _check_adapter_fits(model, cfg, layers_meta, tensors, path,
+                        meta["base_model"].get("model_type"))
 
     def file_priors(name, base, c, scale):
         A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
@@ -161,29 +160,52 @@ def load_adapter(model: nn.Module, path: str) -> GoatModel:
     pinned = GoatConfig.from_dict({**cfg.to_dict(), "target_modules": list(layers_meta)})
     goat = get_goat_model(model, pinned, priors_fn=file_priors)
     goat.goat_config = cfg
-    expected = set(adapter_state_dict_keys(goat))
-    got = set(tensors)
-    if expected != got:
-        goat.unload()
-        raise AdapterLoadError(f"adapter tensors do not match the model: missing "
-                               f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}")
     with torch.no_grad():
         for name, layer in goat.goat_layers.items():
             layer.lora_router.weight.copy_(tensors[f"{name}.lora_router.weight"])
             if layer.res_A is not None:
                 layer.res_A.copy_(tensors[f"{name}.res_A"])
                 layer.res_B.copy_(tensors[f"{name}.res_B"])
-        params = dict(goat.model.named_parameters())
-        for k in got:
-            if k in params and not any(k.startswith(n + ".") for n in goat.goat_layers):
-                params[k].copy_(tensors[k])
+        for k, p in goat.saved_module_parameters().items():
+            p.copy_(tensors[k])
     return goat
 
 
-def adapter_state_dict_keys(goat: GoatModel) -> list[str]:
-    keys = []
-    for name, layer in goat.goat_layers.items():
-        keys += [f"{name}.lora_A", f"{name}.lora_B", f"{name}.lora_router.weight"]
-        if layer.res_A is not None:
-            keys += [f"{name}.res_A", f"{name}.res_B"]
-    return keys + list(goat.saved_module_parameters())
+def _check_adapter_fits(model: nn.Module, cfg: GoatConfig, layers_meta: dict,
+                        tensors: dict[str, torch.Tensor], path: str, model_type) -> None:
+    """Every check of load_adapter that can fail, run before the model is touched."""
+    E, r_e = cfg.num_experts, cfg.expert_rank
+    expected: dict[str, tuple] = {}
+    for name, info in layers_meta.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterLoadError(f"adapter layer {name!r} does not exist in this model: the "
+                                   f"adapter at {path!r} was trained on a different architecture "
+                                   f"({model_type})") from None
+        m, n = info["out_features"], info["in_features"]
+        if not isinstance(mod, nn.Linear) or (mod.out_features, mod.in_features) != (m, n):
+            raise AdapterLoadError(f"adapter layer {name!r} expects an nn.Linear {m}x{n} but the "
+                                   f"model has {mod}; load it onto the base model it was trained on")
+        expected[f"{name}.lora_A"] = (1 if info.get("shared_A") else E, r_e, n)
+        expected[f"{name}.lora_B"] = (E, m, r_e)
+        expected[f"{name}.lora_router.weight"] = (E, n)
+        if info["residual"]:
+            expected[f"{name}.res_A"] = (E * r_e, n)
+            expected[f"{name}.res_B"] = (m, E * r_e)
+    params = dict(model.named_parameters())
+    prefixes = saved_module_prefixes(model, cfg.modules_to_save)
+    for k, p in params.items():
+        if _under(k, prefixes):
+            expected[k] = tuple(p.shape)
+    got = set(tensors)
+    if set(expected) != got:
+        raise AdapterLoadError(f"adapter {path!r} does not match this model: missing tensors "
+                               f"{sorted(set(expected) - got)[:5]}, unexpected "
+                               f"{sorted(got - set(expected))[:5]}; re-export it or load it onto "
+                               f"the model it was trained on")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise AdapterLoadError(f"adapter tensor {k} has shape {tuple(tensors[k].shape)} but "
+                                   f"this model needs {shape} (e.g. a head with another number "
+                                   f"of labels); load it onto the model it was trained on")

@@ -135,7 +135,8 @@ class GoatConfig:
             bad(f"GoatConfig.init_cof must be >= 0 (or null for 1/E), got {self.init_cof!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             bad(f"GoatConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.aux_loss_coef, (int, float)) or self.aux_loss_coef < 0:
+        if not isinstance(self.aux_loss_coef, (int, float)) or isinstance(self.aux_loss_coef, bool) \
+                or not math.isfinite(self.aux_loss_coef) or self.aux_loss_coef < 0:
             bad(f"GoatConfig.aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
         if self.compute not in COMPUTE_PATHS:
             bad(f"GoatConfig.compute={self.compute!r} is unknown; choose one of {', '.join(COMPUTE_PATHS)}.")

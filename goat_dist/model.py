@@ -14,6 +14,7 @@ experts, routers and ``modules_to_save`` train.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -36,21 +37,33 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module/parameter ``name`` is one of ``prefixes`` or inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def saved_module_prefixes(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Full names of the modules matched by ``modules_to_save`` patterns (suffix match)."""
+    patterns = list(patterns)
+    return [n for n, _ in model.named_modules() if n and _matches(n, patterns)]
+
+
 def find_target_modules(model: nn.Module, cfg: GoatConfig) -> list[str]:
     """Names of the nn.Linear modules ``cfg`` adapts, in module order.
+
+    Linears inside ``modules_to_save`` (trained in full) and ``exclude_modules`` and the output
+    embedding are never adapted.
 
     Raises:
         GoatConfigError: if a named target does not exist or is not an nn.Linear.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    skip = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
-    for n, m in linears.items():
-        if m is out_emb or _matches(n, cfg.modules_to_save) or _matches(n, cfg.exclude_modules):
-            skip.add(n)
-        if any(_matches(n, [p]) or n.startswith(p + ".") for p in cfg.modules_to_save):
-            skip.add(n)
+    keep_full = saved_module_prefixes(model, cfg.modules_to_save)
+    excluded = saved_module_prefixes(model, cfg.exclude_modules)
+    skip = {n for n, m in linears.items()
+            if m is out_emb or _under(n, keep_full) or _under(n, excluded)}
     if cfg.target_modules == "all-linear":
         names = [n for n in linears if n not in skip]
     else:
@@ -96,15 +109,24 @@ class GoatModel(nn.Module):
     def goat_layers(self) -> dict[str, GoatLinear]:
         return self._layers
 
+    def _attention_mask(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        if "attention_mask" in kwargs or len(args) < 2:
+            return kwargs.get("attention_mask")
+        try:  # passed positionally: bind against the wrapped model's signature
+            bound = inspect.signature(self.model.forward).bind_partial(*args, **kwargs)
+        except TypeError:
+            return None
+        return bound.arguments.get("attention_mask")
+
     def forward(self, *args, **kwargs):
-        self._context.token_mask = kwargs.get("attention_mask")
+        self._context.token_mask = self._attention_mask(args, kwargs)
         try:
             return self.model(*args, **kwargs)
         finally:
             self._context.token_mask = None
 
     def generate(self, *args, **kwargs):
-        self._context.token_mask = kwargs.get("attention_mask")
+        self._context.token_mask = self._attention_mask(args, kwargs)
         try:
             return self.model.generate(*args, **kwargs)
         finally:
@@ -123,9 +145,8 @@ class GoatModel(nn.Module):
 
     def saved_module_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters of ``modules_to_save`` (trained in full, saved with the adapter)."""
-        pats = self.goat_config.modules_to_save
-        return {n: p for n, p in self.model.named_parameters()
-                if any(_matches(n.rsplit(".", 1)[0], [m]) or f".{m}." in f".{n}" for m in pats)}
+        prefixes = saved_module_prefixes(self.model, self.goat_config.modules_to_save)
+        return {n: p for n, p in self.model.named_parameters() if _under(n, prefixes)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -179,15 +200,12 @@ def get_goat_model(model: nn.Module, cfg: GoatConfig,
         shape = getattr(lin.weight, "ds_shape", lin.weight.shape)
         check_layer_fits(cfg, shape[0], shape[1], n)
     for p in cfg.modules_to_save:
-        if not any(_matches(n, [p]) for n, _ in model.named_modules()):
+        if not saved_module_prefixes(model, [p]):
             raise GoatConfigError(f"modules_to_save entry {p!r} matches no module of the model")
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, mod in model.named_modules():
-        if _matches(n, cfg.modules_to_save):
-            for p in mod.parameters():
-                p.requires_grad_(True)
+    keep_full = saved_module_prefixes(model, cfg.modules_to_save)
+    for n, p in model.named_parameters():
+        p.requires_grad_(_under(n, keep_full))
     priors_fn = priors_fn or default_priors
     context = RoutingContext()
     layers: dict[str, GoatLinear] = {}
