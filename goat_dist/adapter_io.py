@@ -87,7 +87,7 @@ def adapter_metadata(goat: GoatModel) -> dict:
         },
         "layers": {n: {"in_features": l.in_features, "out_features": l.out_features,
                        "scale": l.scale, "residual": l.res_A is not None,
-                       "shared_A": l.lora_A.shape[0] == 1 and l.num_experts > 1}
+                       "shared_A": l.shared_A}
                    for n, l in goat.goat_layers.items()},
     }
 

@@ -65,7 +65,7 @@ class GoatLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, cfg: GoatConfig, priors: GoatPriors,
-                 context: Optional[RoutingContext] = None) -> None:
+                 context: Optional[RoutingContext] = None, expert_parallel=None) -> None:
         super().__init__()
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -84,8 +84,23 @@ class GoatLinear(nn.Module):
             self.compute = cfg.compute
         device = priors.A.device
         self.lora_router = nn.Linear(n, E, bias=False, device=device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(priors.A.detach().to(torch.float32).clone())
-        self.lora_B = nn.Parameter(priors.B.detach().to(torch.float32).clone())
+        self.shared_A = priors.A.shape[0] == 1 and E > 1
+        self.expert_parallel = expert_parallel
+        if expert_parallel is None:
+            self.lora_A = nn.Parameter(priors.A.detach().to(torch.float32).clone())
+            self.lora_B = nn.Parameter(priors.B.detach().to(torch.float32).clone())
+        else:
+            # Expert shards are NOT registered parameters: the DeepSpeed engine (and ZeRO-3's
+            # partitioning) must never treat them as replicated data-parallel tensors. The
+            # expert optimizer (parallel/expert_optim.py) owns, reduces and steps them.
+            if self.shared_A:
+                raise ValueError("init='hydralora' (one A shared by all experts) cannot be "
+                                 "expert-parallel; use ep_size=1")
+            lo, hi = expert_parallel.offset, expert_parallel.offset + expert_parallel.num_local
+            object.__setattr__(self, "lora_A",
+                               nn.Parameter(priors.A[lo:hi].detach().to(torch.float32).clone()))
+            object.__setattr__(self, "lora_B",
+                               nn.Parameter(priors.B[lo:hi].detach().to(torch.float32).clone()))
         coef = cfg.residual_coef
         if priors.svd_based and coef > 0:
             A0, B0 = priors.A.detach().float(), priors.B.detach().float()
@@ -148,7 +163,11 @@ class GoatLinear(nn.Module):
             self._record_stats(probs, top_i, mask)
         res_A = self.res_A.to(cdt) if self.res_A is not None else None
         res_B = self.res_B.to(cdt) if self.res_B is not None else None
-        if self.compute == "dense":
+        if self.expert_parallel is not None:
+            out = self.expert_parallel.run_experts(base_out, xa, self.lora_A, self.lora_B,
+                                                   top_w.to(cdt), top_i, self.scale, self.dropout,
+                                                   self.training, res_A, res_B)
+        elif self.compute == "dense":
             gates = torch.zeros_like(probs).scatter(1, top_i, top_w).to(cdt)
             out = dense_experts(base_out, xa, self.lora_A, self.lora_B, gates, self.scale,
                                 self.dropout, self.training, res_A, res_B)
@@ -165,5 +184,6 @@ class GoatLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"experts={self.num_experts}, top_k={self.top_k}, r_e={self.expert_rank}, "
-                f"scale={self.scale:g}, compute={self.compute}, "
+                f"scale={self.scale:g}, "
+                f"compute={'expert-parallel' if self.expert_parallel is not None else self.compute}, "
                 f"residual={'rank-' + str(self.res_A.shape[0]) if self.res_A is not None else 'none'}")

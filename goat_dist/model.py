@@ -149,14 +149,27 @@ class GoatModel(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if _under(n, prefixes)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """Trainable registered parameters (what the DeepSpeed engine optimises)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def expert_parallel(self):
+        """The expert-parallel dispatcher shared by the layers, or None (experts replicated)."""
+        return next(iter(self._layers.values())).expert_parallel if self._layers else None
+
+    def expert_shard_parameters(self) -> list[nn.Parameter]:
+        """Expert shards held outside the module's registered parameters (expert parallelism)."""
+        if self.expert_parallel is None:
+            return []
+        return [p for l in self._layers.values() for p in (l.lora_A, l.lora_B)]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) numbers of parameters (ZeRO-3 aware via ds_numel)."""
         def numel(p):
             return getattr(p, "ds_numel", p.numel())
-        tr = sum(numel(p) for p in self.parameters() if p.requires_grad)
-        total = sum(numel(p) for p in self.parameters())
+        shards = sum(p.numel() for p in self.expert_shard_parameters())
+        tr = sum(numel(p) for p in self.parameters() if p.requires_grad) + shards
+        total = sum(numel(p) for p in self.parameters()) + shards
         return tr, total
 
     def save_adapter(self, path: str, **kwargs) -> None:
@@ -180,8 +193,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def get_goat_model(model: nn.Module, cfg: GoatConfig,
-                   priors_fn: Optional[PriorsFn] = None) -> GoatModel:
+def get_goat_model(model: nn.Module, cfg: GoatConfig, priors_fn: Optional[PriorsFn] = None,
+                   expert_parallel=None) -> GoatModel:
     """Freeze ``model`` and replace its target linears with GoatLinear layers.
 
     Every target is validated before anything is changed, so a config that does not fit the
@@ -191,6 +204,9 @@ def get_goat_model(model: nn.Module, cfg: GoatConfig,
         model: the model to adapt (modified in place: target linears are swapped).
         cfg: the adapter config.
         priors_fn: computes each layer's priors; defaults to a local SVD of the weight.
+        expert_parallel: an object that runs a layer's experts across ranks (see
+            parallel/dispatch.py: ``offset``, ``num_local``, ``run_experts``); each layer then
+            keeps only experts [offset, offset + num_local). None: all experts on every rank.
     """
     if isinstance(model, GoatModel):
         raise GoatConfigError("the model already has GOAT adapters; unload() them first")
@@ -212,7 +228,7 @@ def get_goat_model(model: nn.Module, cfg: GoatConfig,
     for n in names:
         base = model.get_submodule(n)
         scale = cfg.scale_for(base.in_features)
-        layer = GoatLinear(base, cfg, priors_fn(n, base, cfg, scale), context)
+        layer = GoatLinear(base, cfg, priors_fn(n, base, cfg, scale), context, expert_parallel)
         _set_submodule(model, n, layer)
         layers[n] = layer
     return GoatModel(model, cfg, layers, context, saved)

@@ -38,7 +38,8 @@ _RESUME_KEYS = {
     "goat": ("r", "num_experts", "top_k", "init", "scaling", "eta", "rho", "init_cof",
              "target_modules", "exclude_modules", "modules_to_save"),
     "data": ("train_file", "format", "prompt_template", "max_length", "max_train_samples"),
-    "train": ("micro_batch_size", "gradient_accumulation_steps", "seed", "max_steps", "num_epochs"),
+    "train": ("micro_batch_size", "gradient_accumulation_steps", "seed", "max_steps", "num_epochs",
+              "ep_size"),
 }
 
 
@@ -81,8 +82,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
-                    extra: Optional[dict] = None) -> str:
+                    expert_state: Optional[dict] = None) -> str:
     """Write checkpoint ``step_<global_step>`` and move the pointer to it. Collective.
+
+    ``expert_state``: this rank's expert shards + their optimizer (expert parallelism), saved
+    as ``experts_rank<r>.pt`` beside DeepSpeed's files.
 
     Returns:
         The checkpoint folder.
@@ -95,11 +99,12 @@ def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
                            save_latest=False, exclude_frozen_parameters=True)
     rank = _rank()
     torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
+    if expert_state is not None:
+        torch.save(expert_state, os.path.join(path, f"experts_rank{rank}.pt"))
     _barrier()                                   # every rank's files are complete
     if rank == 0:
         _atomic_json(os.path.join(path, "run_config.json"),
-                     {"run": run.to_dict(), "world_size": world_size, "global_step": global_step,
-                      **(extra or {})})
+                     {"run": run.to_dict(), "world_size": world_size, "global_step": global_step})
         _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
         _prune(root, keep=run.train.keep_checkpoints, current=tag)
     _barrier()
@@ -157,8 +162,12 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def load_checkpoint(engine, path: str) -> int:
-    """Restore engine state and this rank's RNG from ``path``; returns the global step."""
+def load_checkpoint(engine, path: str) -> tuple[int, Optional[dict]]:
+    """Restore engine state and this rank's RNG from ``path``.
+
+    Returns:
+        (global step, this rank's expert state or None).
+    """
     root, tag = os.path.split(path.rstrip("/"))
     load_path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=False,
                                                load_optimizer_states=True,
@@ -168,7 +177,9 @@ def load_checkpoint(engine, path: str) -> int:
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return int(client["global_step"])
+    expert_file = os.path.join(path, f"experts_rank{_rank()}.pt")
+    expert_state = torch.load(expert_file, weights_only=False) if os.path.isfile(expert_file) else None
+    return int(client["global_step"]), expert_state
 
 
 def adapter_parameters(goat: GoatModel) -> list[torch.nn.Parameter]:
@@ -178,10 +189,28 @@ def adapter_parameters(goat: GoatModel) -> list[torch.nn.Parameter]:
     return params + list(goat.saved_module_parameters().values())
 
 
+def _gather_expert_shards(goat: GoatModel) -> dict[str, torch.Tensor]:
+    """Full (E, ...) expert tensors of every layer, gathered over the expert-parallel group."""
+    ep = goat.expert_parallel
+    if ep is None:
+        return {}
+    group, P = ep.groups.ep_group, ep.groups.ep_size
+    full = {}
+    for name, layer in goat.goat_layers.items():
+        for attr in ("lora_A", "lora_B"):
+            local = getattr(layer, attr).detach().float().contiguous()
+            parts = [torch.empty_like(local) for _ in range(P)]
+            dist.all_gather(parts, local, group=group)
+            full[f"{name}.{attr}"] = torch.cat(parts, 0).cpu()
+    return full
+
+
 def export_adapter(goat: GoatModel, path: str) -> None:
-    """Save the adapter folder (rank 0), gathering ZeRO-3 partitions first. Collective."""
-    params = adapter_parameters(goat)
-    partitioned = any(hasattr(p, "ds_id") for p in params)
+    """Save the adapter folder (rank 0), gathering ZeRO-3 partitions and expert shards first,
+    so the folder is the same whatever the ZeRO stage or ep_size. Collective."""
+    experts = _gather_expert_shards(goat)
+    params = [p for p in adapter_parameters(goat) if hasattr(p, "ds_id")]
+    partitioned = bool(params)
     if partitioned:
         import deepspeed
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -192,5 +221,6 @@ def export_adapter(goat: GoatModel, path: str) -> None:
         if _rank() == 0:
             sd = {k: v.float() if v.is_floating_point() else v
                   for k, v in adapter_state_dict(goat).items()}
+            sd.update(experts)
             save_adapter(goat, path, state_dict=sd)
     _barrier()

@@ -30,6 +30,10 @@ from .config import ConfigError, RunConfig
 from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
 from .ds_config import resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
+from ..parallel.dispatch import ExpertParallelDispatcher
+from ..parallel.expert_optim import (ExpertOptimizer, clip_coefficient, engine_squared_norm,
+                                     scale_engine_gradients)
+from ..parallel.groups import create_expert_parallel_groups
 from .monitor import Monitor, Throughput
 from .tokenizer import check_tokenizer_fits, load_tokenizer, train_sentencepiece_tokenizer
 from . import evaluate as ev
@@ -159,22 +163,49 @@ class Trainer:
         if self.task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
         goat_cfg = resolve_modules_to_save(model, run.goat, self.task)
+        self.ep = self._expert_parallel(goat_cfg)
         set_seed(t.seed)  # router init identical on every rank and every world size
-        self.goat = inject_goat(model, goat_cfg)
+        self.goat = inject_goat(model, goat_cfg, expert_parallel=self.ep)
         self._init_engine()
         self.start_step = 0
         if self.resume_from is not None:
-            self.start_step = load_checkpoint(self.engine, self.resume_from)
+            self.start_step, expert_state = load_checkpoint(self.engine, self.resume_from)
+            if self.expert_opt is not None:
+                if expert_state is None:
+                    raise ConfigError(f"checkpoint {self.resume_from} has no expert shards for "
+                                      f"rank {self.rank}; resume with the run's original ep_size")
+                self.expert_opt.load_state_dict(expert_state)
         elif t.overwrite_output_dir and self.rank == 0:
             shutil.rmtree(checkpoint_dir(t.output_dir), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
+
+    def _expert_parallel(self, goat_cfg):
+        """The expert-parallel dispatcher for train.ep_size > 1 (DeepSpeed's EP/EDP groups)."""
+        ep_size = self.run_cfg.train.ep_size
+        if ep_size == 1:
+            return None
+        if goat_cfg.init == "hydralora":
+            raise ConfigError("goat.init=hydralora shares one A across experts and cannot be "
+                              "expert-parallel; use train.ep_size=1")
+        try:
+            groups = create_expert_parallel_groups(ep_size, goat_cfg.num_experts)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return ExpertParallelDispatcher(groups, goat_cfg.num_experts)
 
     def _init_engine(self) -> None:
         import deepspeed
         o = self.run_cfg.optim
         params = self.goat.trainable_parameters()
         sched = lr_lambda(self.run_cfg, self.total_steps)
+        self.expert_opt = None
+        if self.ep is not None:
+            # goat_dist clips by the joint norm of engine params and expert shards (see
+            # parallel/expert_optim.py); the engine must not clip on its own partial norm.
+            self.ds["gradient_clipping"] = 0.0
+            self.expert_opt = ExpertOptimizer(self.goat.expert_shard_parameters(), self.ep.groups,
+                                              o.lr, o.betas, o.eps, o.weight_decay, sched)
         optimizer = None
         if "optimizer" not in self.ds:
             optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -183,6 +214,9 @@ class Trainer:
             model=self.goat, model_parameters=params, optimizer=optimizer, config=self.ds,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched))
         self.device = self.engine.device
+        with torch.no_grad():  # the engine moved its own parameters; shards are ours to move
+            for p in self.goat.expert_shard_parameters():
+                p.data = p.data.to(self.device)
 
     # ------------------------------------------------------------------ steps
     def _step_batches(self, step: int) -> list[dict]:
@@ -201,21 +235,38 @@ class Trainer:
         n_targets = max(counts[0].item(), 1.0)
         norm = self.world * t.gradient_accumulation_steps / n_targets
         stats = torch.zeros(2)
-        for b in batches:
+        gn = None
+        for i, b in enumerate(batches):
             b = _move(b, self.device)
             out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             lsum = loss_sum(out.logits, b["labels"], self.task)
             aux = self.engine.module.aux_loss().to(lsum.device)
             self.engine.backward(lsum * norm + aux)
+            if self.expert_opt is not None and i == len(batches) - 1:
+                gn = self._reduce_and_clip_expert_parallel()
             self.engine.step()
             stats += torch.stack([lsum.detach().float().cpu(), aux.detach().float().cpu()])
+        if self.expert_opt is not None:
+            self.expert_opt.step()
         _all_reduce(stats)
-        gn = self.engine.get_global_grad_norm()
+        if gn is None:
+            gn = self.engine.get_global_grad_norm()
         return {"loss": stats[0].item() / n_targets,
                 "aux_loss": stats[1].item() / (self.world * t.gradient_accumulation_steps),
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.run_cfg.optim.lr,
                 "grad_norm": float(gn) if gn is not None else float("nan"),
                 "tokens": counts[1].item()}
+
+    def _reduce_and_clip_expert_parallel(self) -> float:
+        """At the accumulation boundary: reduce expert gradients, clip everything jointly."""
+        self.expert_opt.reduce_gradients()
+        engine_params = self.goat.trainable_parameters()
+        total_sq = float(self.expert_opt.squared_norm() + engine_squared_norm(engine_params))
+        coef = clip_coefficient(total_sq, self.run_cfg.optim.max_grad_norm)
+        if coef < 1.0:
+            self.expert_opt.scale_gradients(coef)
+            scale_engine_gradients(engine_params, coef)
+        return math.sqrt(total_sq)
 
     # ------------------------------------------------------------------ evaluation
     def _sharded(self, items: list) -> list:
@@ -333,7 +384,8 @@ class Trainer:
             res = self.train_step(step)
             thr.update(int(res["tokens"]))
             done = step + 1
-            history.append({"step": done, "loss": res["loss"], "aux_loss": res["aux_loss"]})
+            history.append({"step": done, "loss": res["loss"], "aux_loss": res["aux_loss"],
+                            "grad_norm": res["grad_norm"], "lr": res["lr"]})
             if done % t.log_every == 0 or done == end:
                 monitor.log_scalars(done, {"train/loss": res["loss"], "train/aux_loss": res["aux_loss"],
                                            "train/lr": res["lr"], "train/grad_norm": res["grad_norm"],
@@ -344,7 +396,8 @@ class Trainer:
                 metrics = self.evaluate()
                 monitor.log_scalars(done, metrics)
             if (t.save_every and done % t.save_every == 0) or done == end:
-                save_checkpoint(self.engine, run, done, self.world)
+                save_checkpoint(self.engine, run, done, self.world,
+                                None if self.expert_opt is None else self.expert_opt.state_dict())
             monitor.advance(1)
         final_step = max(end, self.start_step)
         finished = final_step >= self.total_steps
@@ -358,6 +411,7 @@ class Trainer:
             "finished": finished, "global_step": final_step, "total_steps": self.total_steps,
             "resumed_from": self.resume_from, "world_size": self.world,
             "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
+            "ep_size": run.train.ep_size,
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(self.data.train),
             "eval_examples": 0 if self.data.eval is None else len(self.data.eval),

@@ -149,7 +149,8 @@ def resolve_modules_to_save(model: nn.Module, goat_cfg: GoatConfig, task: str) -
     return goat_cfg
 
 
-def inject_goat(model: nn.Module, goat_cfg: GoatConfig) -> GoatModel:
+def inject_goat(model: nn.Module, goat_cfg: GoatConfig, expert_parallel=None,
+                priors_fn=None) -> GoatModel:
     """Inject GOAT with priors computed on rank 0 (weights gathered one at a time under ZeRO-3).
 
     GoatLinear is deliberately NOT registered as a ZeRO-3 leaf module. Leaf modules exist for MoE
@@ -160,4 +161,5 @@ def inject_goat(model: nn.Module, goat_cfg: GoatConfig) -> GoatModel:
     0.19.8 the leaf path released the persistent expert tensors before backward (shape-0
     gradient mismatch), see docs/ARCHITECTURE.md.
     """
-    return get_goat_model(model, goat_cfg, priors_fn=broadcast_priors_fn())
+    return get_goat_model(model, goat_cfg, priors_fn=priors_fn or broadcast_priors_fn(),
+                          expert_parallel=expert_parallel)
