@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.train_helpers import ROOT, losses, read_summary, run_train, tiny_config
+from tests.train_helpers import ROOT, adapter_eval_loss, losses, read_summary, run_train, tiny_config
 
 ZERO2 = os.path.join(ROOT, "ds_configs", "zero2.json")
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3.json")
@@ -53,27 +53,8 @@ def test_exported_adapter_reproduces_eval_loss(tmp_path):
     tensors = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
     assert tensors and all(t.numel() > 0 for t in tensors.values())
 
-    from goat_dist.adapter_io import load_adapter
-    from goat_dist.train.config import load_run_config
-    from goat_dist.train.data import collate, prepare_data
-    from goat_dist.train.loop import count_targets, loss_sum
-    from goat_dist.train.modeling import build_preset
-    from goat_dist.train.tokenizer import load_tokenizer
-
-    run = load_run_config(cfg)
-    tok = load_tokenizer(os.path.join(out, "tokenizer"))
-    data = prepare_data(run.data, tok, "causal_lm", run.train.seed)
-    model = build_preset("tiny-llama", len(tok), seed=run.train.seed, pad_token_id=tok.pad_token_id)
-    goat = load_adapter(model, os.path.join(out, "adapter")).eval()
-    total = n = 0.0
-    with torch.no_grad():
-        for i in range(0, len(data.eval), run.train.micro_batch_size):
-            b = collate([data.eval[j] for j in range(i, min(i + run.train.micro_batch_size,
-                                                            len(data.eval)))], tok.pad_token_id)
-            logits = goat(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += loss_sum(logits, b["labels"], "causal_lm").item()
-            n += count_targets(b["labels"], "causal_lm")
-    assert total / n == pytest.approx(summary["final_metrics"]["eval/loss"], rel=1e-5)
+    assert adapter_eval_loss(cfg, out) == pytest.approx(summary["final_metrics"]["eval/loss"],
+                                                     rel=1e-5)
 
 
 def test_resume_is_exact(tmp_path):

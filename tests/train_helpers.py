@@ -85,3 +85,31 @@ def read_summary(output_dir: str) -> dict:
 
 def losses(output_dir: str) -> list[float]:
     return [h["loss"] for h in read_summary(output_dir)["history"]]
+
+
+def adapter_eval_loss(config_path: str, output_dir: str) -> float:
+    """Eval loss of ``output_dir``'s exported adapter on the original preset base model, computed
+    in this one process without DeepSpeed (the oracle for adapter export)."""
+    import torch
+    from goat_dist.adapter_io import load_adapter
+    from goat_dist.train.config import load_run_config
+    from goat_dist.train.data import collate, prepare_data
+    from goat_dist.train.loop import count_targets, loss_sum
+    from goat_dist.train.modeling import build_preset
+    from goat_dist.train.tokenizer import load_tokenizer
+
+    run = load_run_config(config_path)
+    tok = load_tokenizer(os.path.join(output_dir, "tokenizer"))
+    data = prepare_data(run.data, tok, "causal_lm", run.train.seed)
+    model = build_preset("tiny-llama", len(tok), seed=run.train.seed, pad_token_id=tok.pad_token_id)
+    goat = load_adapter(model, os.path.join(output_dir, "adapter")).eval()
+    b = run.train.micro_batch_size
+    total = n = 0.0
+    with torch.no_grad():
+        for i in range(0, len(data.eval), b):
+            batch = collate([data.eval[j] for j in range(i, min(i + b, len(data.eval)))],
+                            tok.pad_token_id)
+            logits = goat(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += loss_sum(logits, batch["labels"], "causal_lm").item()
+            n += count_targets(batch["labels"], "causal_lm")
+    return total / n

@@ -145,6 +145,7 @@ class Trainer:
         self.ds = resolve_ds_config(self.ds_raw, run, self.world)
         self.zero3 = zero_stage(self.ds) == 3
         self.resume_from = _prepare_output_dir(run)
+        self.ep = self._expert_parallel(run.goat)   # bad ep_size fails before anything is written
         if self.resume_from is not None:
             check_resumable(self.resume_from, run, self.world)
         set_seed(t.seed)
@@ -163,7 +164,6 @@ class Trainer:
         if self.task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
         goat_cfg = resolve_modules_to_save(model, run.goat, self.task)
-        self.ep = self._expert_parallel(goat_cfg)
         set_seed(t.seed)  # router init identical on every rank and every world size
         self.goat = inject_goat(model, goat_cfg, expert_parallel=self.ep)
         self._init_engine()
