@@ -75,6 +75,9 @@ def test_resume_is_exact(tmp_path):
     assert run_train(["--config", cfg2]) == 0          # resume=auto picks up step 3
     second = read_summary(split)
     assert second["resumed_from"].endswith("step_00000003")
+    # the resumed job found every layer's SVD priors in the cache
+    assert second["svd_init"]["svd_computed"] == 0 and second["svd_init"]["cache_hits"] > 0
+    assert read_summary(straight)["svd_init"]["svd_computed"] > 0
     got = first + [h["loss"] for h in second["history"]]
     assert got == pytest.approx(losses(straight), abs=1e-6)
     a = load_file(os.path.join(straight, "adapter", "adapter_model.safetensors"))

@@ -135,6 +135,9 @@ class TrainConfig:
         stop_after_steps: end this invocation after this many optimizer steps in total (with a
             checkpoint), e.g. to fit a job's time limit; the schedule still spans max_steps and a
             later ``resume`` continues exactly. 0 = run to the end.
+        svd_cache_dir: where SVD priors are cached, keyed by weight content and config, so a
+            rerun or resume skips the SVDs: ``auto`` (<output_dir>/svd_cache), ``none``, or a
+            folder to share between runs of the same base model.
     """
 
     output_dir: str = "outputs/run"
@@ -153,6 +156,7 @@ class TrainConfig:
     ep_size: int = 1
     overwrite_output_dir: bool = False
     stop_after_steps: int = 0
+    svd_cache_dir: str = "auto"
 
 
 @dataclass

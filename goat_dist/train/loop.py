@@ -165,7 +165,13 @@ class Trainer:
             model.config.pad_token_id = pad_id
         goat_cfg = resolve_modules_to_save(model, run.goat, self.task)
         set_seed(t.seed)  # router init identical on every rank and every world size
-        self.goat = inject_goat(model, goat_cfg, expert_parallel=self.ep)
+        cache = {"auto": os.path.join(t.output_dir, "svd_cache"), "none": None}.get(
+            t.svd_cache_dir, t.svd_cache_dir)
+        t_init = time.time()
+        self.goat, stats = inject_goat(model, goat_cfg, expert_parallel=self.ep, svd_cache_dir=cache)
+        counts = _all_reduce(torch.tensor([stats.svd_computed, stats.cache_hits], dtype=torch.float64))
+        self.svd_init = {"svd_computed": int(counts[0]), "cache_hits": int(counts[1]),
+                         "seconds": time.time() - t_init}
         self._init_engine()
         self.start_step = 0
         if self.resume_from is not None:
@@ -411,7 +417,7 @@ class Trainer:
             "finished": finished, "global_step": final_step, "total_steps": self.total_steps,
             "resumed_from": self.resume_from, "world_size": self.world,
             "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
-            "ep_size": run.train.ep_size,
+            "ep_size": run.train.ep_size, "svd_init": self.svd_init,
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(self.data.train),
             "eval_examples": 0 if self.data.eval is None else len(self.data.eval),

@@ -2,8 +2,9 @@
 
 Under ZeRO-3 a model folder is loaded partitioned: ``HfDeepSpeedConfig`` is created before
 ``from_pretrained`` (and kept alive), so transformers builds the model inside ``zero.Init`` and no
-rank ever holds the full backbone. GOAT's SVD then needs one full weight at a time: each target
-weight is gathered with ``GatheredParameters``, one rank computes its priors and broadcasts them.
+rank ever holds the full backbone. GOAT's SVD priors come from the distributed initialiser
+(parallel/svd_init.py): each layer's owner collects that one full weight, computes (or loads
+from cache) its priors and broadcasts them.
 GoatLinear calls its base layer and router as submodules, so ZeRO-3's per-module hooks gather
 one frozen weight at a time (see inject_goat for why it is not a leaf module).
 
@@ -12,16 +13,14 @@ Presets are tiny random models built from a config in code (seeded, identical on
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import GoatConfig
-from ..model import GoatModel, get_goat_model
-from ..svd import GoatPriors, layer_priors
+from ..model import GoatModel, find_target_modules, get_goat_model
+from ..parallel.svd_init import DistributedSVDInitializer, InitStats
 from .config import ConfigError, ModelConfig
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -99,43 +98,6 @@ def embedding_rows(model: nn.Module) -> int:
     return int(getattr(emb, "ds_shape", emb.shape)[0])
 
 
-def _gather(params, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def broadcast_priors_fn(src: int = 0):
-    """priors_fn for get_goat_model: rank ``src`` computes each layer's priors, all ranks get them.
-
-    The weight is gathered if ZeRO-3 partitioned it (one full weight at a time). Every rank
-    must call this for every layer in the same order (collectives).
-    """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def fn(name: str, base: nn.Linear, cfg: GoatConfig, scale: float) -> GoatPriors:
-        w = base.weight
-        partitioned = hasattr(w, "ds_id")
-        with _gather([w], partitioned):
-            if not distributed or dist.get_rank() == src:
-                pri = layer_priors(w.detach().float().cpu(), cfg, scale)
-            else:
-                pri = None
-        if not distributed:
-            return pri
-        m, n = base.out_features, base.in_features
-        E, r_e = cfg.num_experts, cfg.expert_rank
-        n_a = 1 if cfg.init == "hydralora" else E
-        A = pri.A.contiguous() if pri is not None else torch.empty(n_a, r_e, n)
-        B = pri.B.contiguous() if pri is not None else torch.empty(E, m, r_e)
-        dist.broadcast(A, src)
-        dist.broadcast(B, src)
-        return GoatPriors(A=A, B=B, svd_based=cfg.init not in ("molora", "hydralora"))
-
-    return fn
-
-
 def resolve_modules_to_save(model: nn.Module, goat_cfg: GoatConfig, task: str) -> GoatConfig:
     """A classification head must train and be saved with the adapter: default it by name."""
     if task != "seq_cls" or goat_cfg.modules_to_save:
@@ -150,8 +112,8 @@ def resolve_modules_to_save(model: nn.Module, goat_cfg: GoatConfig, task: str) -
 
 
 def inject_goat(model: nn.Module, goat_cfg: GoatConfig, expert_parallel=None,
-                priors_fn=None) -> GoatModel:
-    """Inject GOAT with priors computed on rank 0 (weights gathered one at a time under ZeRO-3).
+                svd_cache_dir: Optional[str] = None) -> tuple[GoatModel, InitStats]:
+    """Inject GOAT; priors from the distributed SVD initialiser (each SVD once per job).
 
     GoatLinear is deliberately NOT registered as a ZeRO-3 leaf module. Leaf modules exist for MoE
     blocks whose experts run data-dependently (an expert unused on one rank breaks ZeRO-3's
@@ -161,5 +123,7 @@ def inject_goat(model: nn.Module, goat_cfg: GoatConfig, expert_parallel=None,
     0.19.8 the leaf path released the persistent expert tensors before backward (shape-0
     gradient mismatch), see docs/ARCHITECTURE.md.
     """
-    return get_goat_model(model, goat_cfg, priors_fn=priors_fn or broadcast_priors_fn(),
-                          expert_parallel=expert_parallel)
+    init = DistributedSVDInitializer(model, goat_cfg, find_target_modules(model, goat_cfg),
+                                     cache_dir=svd_cache_dir).run()
+    goat = get_goat_model(model, goat_cfg, priors_fn=init, expert_parallel=expert_parallel)
+    return goat, init.stats
