@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 
@@ -58,7 +59,9 @@ def rendezvous_env(environ: dict) -> dict:
         env["WORLD_SIZE"] = environ["SLURM_NTASKS"]
         env["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in environ:
-            nodes = environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "127.0.0.1"))
+            # a step may run on a subset of the job's nodes: rank 0 is on the step's first node
+            nodes = environ.get("SLURM_STEP_NODELIST", environ.get(
+                "SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", "127.0.0.1")))
             env["MASTER_ADDR"] = first_host(nodes)
         env.setdefault("MASTER_PORT", environ.get("MASTER_PORT", "29500"))
         return env
@@ -68,24 +71,24 @@ def rendezvous_env(environ: dict) -> dict:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist such as 'node[03-05,09],gpu1' -> 'node03'."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split("]")[0].split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a Slurm nodelist, as `scontrol show hostnames` lists it: 'node[03-05,09],gpu1'
+    -> 'node03', 'nid[01-04]-ib' -> 'nid01-ib', 'r[1-2]-n[01-02]' -> 'r1-n01'."""
+    item = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)  # first top-level entry
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], item)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.update(rendezvous_env(os.environ))
     world = int(os.environ["WORLD_SIZE"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
+        "LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world))))
     import torch
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
-        # the deepspeed launcher does not split cores between ranks; oversubscription costs ~5x
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # the deepspeed launcher does not split cores between ranks; oversubscription costs ~5x.
+        # sched_getaffinity honours srun's CPU binding, cpu_count does not.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // local_world))
 
     sys.path.insert(0, ROOT)
     from goat_dist.adapter_io import AdapterLoadError
