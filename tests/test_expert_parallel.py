@@ -34,7 +34,9 @@ def _layer_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     report = []
-    for top_k in (1, 2):
+    # (top_k, starve): with a zero router every token picks experts 0..k-1, so the second
+    # rank's experts get no token at all (its dispatch must still join every exchange)
+    for top_k, starve in ((1, False), (2, False), (1, True), (2, True)):
         cfg = GoatConfig(r=16, lora_alpha=32, num_experts=8, top_k=top_k, lora_dropout=0.0)
         torch.manual_seed(0)
         base = torch.nn.Linear(48, 40)
@@ -47,26 +49,38 @@ def _layer_worker(rank: int, world: int, port: int, result_dir: str) -> None:
         full = GoatLinear(base, cfg, pri)
         torch.manual_seed(1)
         ep = GoatLinear(base, cfg, pri, expert_parallel=disp)
+        if starve:
+            with torch.no_grad():
+                full.lora_router.weight.zero_()
+                ep.lora_router.weight.zero_()
         # exactly E / ep_size experts, and not registered (the engine must not see them)
         assert ep.lora_A.shape[0] == ep.lora_B.shape[0] == cfg.num_experts // 2
         assert all(p is not ep.lora_A and p is not ep.lora_B for p in ep.parameters())
         torch.manual_seed(2)
-        x = torch.randn(2, 10, 48)
+        x = torch.randn(2, 10, 48, requires_grad=True)  # as hidden states in training
         g = torch.randn(2, 10, 40)
         y_full = full(x)
-        ((y_full * g).sum() + full.last_aux_loss).backward()
+        (y_full * g).sum().backward()     # (the aux loss is per-batch statistics: not split-invariant)
         mine = slice(rank, rank + 1)
-        y_ep = ep(x[mine])
-        ((y_ep * g[mine]).sum() + ep.last_aux_loss).backward()
+        x_mine = x.detach()[mine].requires_grad_(True)
+        y_ep = ep(x_mine)
+        (y_ep * g[mine]).sum().backward()
+        # both ranks ran the same exchanges: the next collective pairs up correctly
+        probe = torch.tensor([float(rank + 1)] * 7)
+        dist.all_reduce(probe)
+        assert torch.equal(probe, torch.full((7,), 3.0)), "ranks fell out of step"
         ref_y = y_full[mine]
         assert ((y_ep - ref_y).norm() / ref_y.norm()).item() < 1e-6
+        ref_gx = x.grad[mine]
+        assert ((x_mine.grad - ref_gx).norm() / ref_gx.norm()).item() < 1e-5
         # expert grads: the owner's shard holds the sum over both ranks' tokens
         lo, hi = disp.offset, disp.offset + disp.num_local
         for name in ("lora_A", "lora_B"):
             gs = getattr(ep, name).grad.clone()
             ref = getattr(full, name).grad[lo:hi]
-            assert ((gs - ref).norm() / ref.norm()).item() < 1e-5, (name, top_k)
-        report.append(top_k)
+            assert ((gs - ref).norm() / ref.norm().clamp(min=1e-30)).item() < 1e-5 or \
+                (starve and rank == 1 and gs.abs().max() == 0 and ref.abs().max() == 0), (name, top_k)
+        report.append((top_k, starve))
     with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
         f.write(str(report))
     dist.barrier()

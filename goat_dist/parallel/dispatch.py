@@ -88,8 +88,10 @@ class ExpertParallelDispatcher:
         if training and dropout > 0:
             xs = F.dropout(xs, dropout, training=True)
         xr = _AllToAllV.apply(xs, recv_splits, send_splits, group)       # (R, n)
-        if xr.shape[0] == 0:  # no token for my experts this time; still join the way back
-            y = xr.new_zeros(0, m) + 0.0 * (A.sum() + B.sum())
+        if xr.shape[0] == 0:
+            # No token for my experts this time. y must still depend on xr (and A, B): every
+            # rank has to run the backward of BOTH all-to-alls, or the exchanges mismatch.
+            y = F.linear(xr, xr.new_zeros(m, xr.shape[1])) + 0.0 * (A.sum() + B.sum())
             ys = _AllToAllV.apply(y, send_splits, recv_splits, group)
             return self._combine(base_out, x, ys, top_w, order, tok, res_A, res_B)
         # Received rows come grouped by source, then by local expert: regroup by expert.
