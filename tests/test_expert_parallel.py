@@ -121,6 +121,21 @@ def test_ep2_matches_single_process(tmp_path, oracles, ds_config, top_k):
     assert losses(out) == pytest.approx(oracles[top_k], abs=1e-5)
 
 
+def test_ep2_under_zero1_matches_single_process(tmp_path, oracles):
+    """ZeRO stage 1 (optimizer states of the engine-held params partitioned) with EP."""
+    import json
+    ds = tmp_path / "zero1.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                              "zero_optimization": {"stage": 1}}))
+    out = str(tmp_path / "out")
+    cfg = tiny_config(str(tmp_path / "run.yaml"), out, goat={"top_k": 2},
+                      optim={"max_grad_norm": 0.3}, train={"ep_size": 2})
+    assert run_train(["--config", cfg, "--ds_config", str(ds)], world=2) == 0
+    assert read_summary(out)["zero_stage"] == 1
+    assert losses(out) == pytest.approx(oracles[2], abs=1e-5)
+
+
 def test_ep_checkpoint_resume_and_export(tmp_path):
     """ep_size=2: stop + resume equals the straight run; the exported adapter has every expert
     in the ep_size=1 layout and reproduces the eval loss in one process."""
