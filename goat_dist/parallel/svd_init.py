@@ -7,9 +7,10 @@ The official code runs every SVD on every rank (224 full SVDs per rank for Llama
 * the owner of a layer gets the full weight: its own copy when weights are replicated, or, when
   ZeRO-3 partitioned them, the other ranks' flat shards sent to it with one ``dist.gather`` (no
   other rank ever materialises that weight, and an owner holds one full weight at a time);
-* the owner computes the priors (or reads them from the cache), then broadcasts them. Every rank
-  needs a layer's full priors for its residual correction (rank r = E * r_e); a rank keeps as
-  trainable parameters only the experts it holds (expert parallelism slices them in GoatLinear);
+* the owner computes the priors (or reads them from the cache); at the end every owner
+  broadcasts all its priors in one message. Every rank needs a layer's full priors for its
+  residual correction (rank r = E * r_e); a rank keeps as trainable parameters only the experts
+  it holds (expert parallelism slices them in GoatLinear);
 * the cache key is the SHA-256 of the weight's bytes plus everything the priors depend on
   (init, r, E, rho, the layer's scale, SVD dtype), so a changed checkpoint or config never hits
   a stale entry. Entries are written atomically.
@@ -57,8 +58,7 @@ def cache_key(weight: torch.Tensor, cfg: GoatConfig, scale: float) -> str:
     h.update(json.dumps({"shape": list(w.shape), "dtype": str(w.dtype), "init": cfg.init,
                          "r": cfg.r, "E": cfg.num_experts, "rho": cfg.rho, "scale": repr(scale),
                          "svd_dtype": cfg.svd_dtype, "v": 1}, sort_keys=True).encode())
-    h.update(w.view(torch.uint8).numpy().tobytes() if w.dtype != torch.bfloat16
-             else w.view(torch.int16).numpy().tobytes())
+    h.update(w.reshape(-1).view(torch.uint8).numpy())   # the raw bytes, whatever the dtype
     return h.hexdigest()
 
 
@@ -156,9 +156,11 @@ class DistributedSVDInitializer:
                     mine = (name, full)
             if mine is not None:                         # owners compute in parallel
                 self.priors[mine[0]] = self._compute(mine[0], mine[1], layers[mine[0]])
-            for r, name in enumerate(round_layers):     # and hand the priors to everyone
-                if name is not None and distributed:
-                    self.priors[name] = self._broadcast(name, shapes[name], r, rank)
+        if distributed:
+            # One broadcast per owner at the end (not two per layer per round): no rank waits
+            # for the slowest SVD of every round, and the small messages are merged.
+            for r in range(world):
+                self._broadcast_owned(queues[r], shapes, r, rank)
         return self
 
     def _compute(self, name: str, weight: torch.Tensor, layer: nn.Linear) -> GoatPriors:
@@ -175,16 +177,29 @@ class DistributedSVDInitializer:
             self.cache.put(key, pri)
         return pri
 
-    def _broadcast(self, name: str, shape: tuple[int, int], src: int, rank: int) -> GoatPriors:
-        m, n = shape
+    def _broadcast_owned(self, names: list[str], shapes: dict[str, tuple[int, int]], src: int,
+                         rank: int) -> None:
+        """Send every prior rank ``src`` owns to all ranks in one flat fp32 broadcast."""
+        if not names:
+            return
         E, r_e = self.cfg.num_experts, self.cfg.expert_rank
+        sizes = []
+        for name in names:
+            m, n = shapes[name]
+            sizes += [(E, r_e, n), (E, m, r_e)]
         if rank == src:
-            A, B = self.priors[name].A.contiguous(), self.priors[name].B.contiguous()
+            flat = torch.cat([t.reshape(-1).float() for name in names
+                              for t in (self.priors[name].A, self.priors[name].B)])
         else:
-            A, B = torch.empty(E, r_e, n), torch.empty(E, m, r_e)
-        dist.broadcast(A, src)
-        dist.broadcast(B, src)
-        return GoatPriors(A=A, B=B, svd_based=True)
+            flat = torch.empty(sum(a * b * c for a, b, c in sizes))
+        dist.broadcast(flat, src)
+        if rank == src:
+            return
+        parts = flat.split([a * b * c for a, b, c in sizes])
+        for i, name in enumerate(names):
+            self.priors[name] = GoatPriors(A=parts[2 * i].view(sizes[2 * i]).clone(),
+                                           B=parts[2 * i + 1].view(sizes[2 * i + 1]).clone(),
+                                           svd_based=True)
 
     def __call__(self, name: str, base: nn.Linear, cfg: GoatConfig, scale: float) -> GoatPriors:
         if cfg.init in RANDOM_INITS:
