@@ -26,7 +26,7 @@ Each rep runs the one-process modes (alternating their order) and then the distr
 (alternating dist before/after the cold+warm pair). ``--warmup-reps`` untimed reps come first.
 
 Breakdown per run (max over ranks for distributed modes): time inside layer_priors (the SVD),
-cache_key (SHA-256 of the weight bytes), PriorCache.get/put, and _broadcast (which includes
+cache_key (SHA-256 of the weight bytes), PriorCache.get/put, and _broadcast_owned (which includes
 waiting for the other rank's SVD). These are measured by wrapping those functions of
 goat_dist.parallel.svd_init in this process only (the source file is not modified).
 
@@ -100,7 +100,7 @@ def _install_timers() -> None:
     si.cache_key = timed(si.cache_key, "hash")
     si.PriorCache.get = timed(si.PriorCache.get, "cache_get")
     si.PriorCache.put = timed(si.PriorCache.put, "cache_put")
-    si.DistributedSVDInitializer._broadcast = timed(si.DistributedSVDInitializer._broadcast, "bcast")
+    si.DistributedSVDInitializer._broadcast_owned = timed(si.DistributedSVDInitializer._broadcast_owned, "bcast")
     si._bench_timed = True
 
 
