@@ -17,13 +17,21 @@ Variants, measured side by side in one run (same input x, same upstream gradient
                 per call), fp32 router, softmax -> top-k -> renormalise, then a Python loop over
                 the E experts (one nn.Linear pair each, as officially) with torch.where, a gather,
                 two tiny GEMMs and an index-put accumulation; plus the bincount aux loss.
+  goat_fused    (--prototype only) FusedDenseGoat below: a prototype of a faster dense path
+                sharing goat_dense's parameters (router fused into the first-stage GEMM, no weight
+                gradients for the frozen correction factors).
 
 "goat_auto" in the summary is whichever path GoatLinear picks with compute="auto" (dense unless
 r >= grouped_min_rank and top_k < E); it is not timed separately.
 
 Each timed step: zero grads (set_to_none), y = layer(x), loss = (y * g).sum(), loss.backward()
 (on CUDA: synchronize before and after). Variants are interleaved round-robin (rotating the
-starting variant each round) for --iters rounds after --warmup rounds; medians are reported.
+starting variant each round) for --iters rounds after --warmup rounds; medians are reported, plus
+"paired" ratios (a/b within each round, median over rounds), which resist load drift.
+On Linux, each round's CPU stall fraction is read from PSI (/proc/pressure/cpu: the share of the
+round during which some runnable task waited for a CPU, i.e. another job competed for the cores);
+rounds above --max-stall are discarded and replaced (up to --max-rounds timed rounds). If too few
+quiet rounds remain, all rounds are used and the output says CONTENDED.
 
 dtype: float32 runs everything in fp32. bfloat16 puts the base weight, the input x and g in bf16
 while every adapter (LoRA A/B, GOAT experts, routers, correction factors, loop experts) stays fp32
@@ -227,6 +235,15 @@ def cpu_pressure() -> float | None:
         return None
 
 
+def cpu_stall_us() -> int | None:
+    """Linux PSI cumulative microseconds during which some runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -346,6 +363,11 @@ def main(argv=None) -> int:
                         "code does (off by default, as tests/oracle.py)")
     p.add_argument("--prototype", action="store_true",
                    help="also time goat_fused, a prototype of a faster dense path (see FusedDenseGoat)")
+    p.add_argument("--max-stall", type=float, default=0.10,
+                   help="discard (and replace) a round during which tasks waited for a CPU more than "
+                        "this fraction of the time (Linux PSI; other load on a shared machine); 0 keeps all")
+    p.add_argument("--max-rounds", type=int, default=0,
+                   help="give up replacing contended rounds after this many timed rounds (default 3*iters)")
     p.add_argument("--skip", default="", help="comma-separated variants not to time")
     args = p.parse_args(argv)
 
@@ -374,18 +396,37 @@ def main(argv=None) -> int:
     psi_start = cpu_pressure()
     skip = {s for s in args.skip.split(",") if s}
     names = [k for k in variants if k not in skip]
-    times = {k: [] for k in names}
-    for rnd in range(args.warmup + args.iters):
+    times = {k: [] for k in names}       # accepted rounds
+    all_times = {k: [] for k in names}   # every timed round
+    stalls = []
+    max_rounds = args.max_rounds or 3 * args.iters
+    rnd = timed = 0
+    use_psi = args.max_stall > 0 and cpu_stall_us() is not None
+    while timed < max_rounds and len(times[names[0]]) < args.iters:
         order = names[rnd % len(names):] + names[:rnd % len(names)]
+        s0, w0 = cpu_stall_us(), time.perf_counter()
+        this = {}
         for k in order:
             sync(device)
             t0 = time.perf_counter()
             step(variants[k], x, g)
             sync(device)
-            dt = (time.perf_counter() - t0) * 1e3
-            if rnd >= args.warmup:
-                times[k].append(dt)
-
+            this[k] = (time.perf_counter() - t0) * 1e3
+        stall = ((cpu_stall_us() - s0) / ((time.perf_counter() - w0) * 1e6)) if use_psi else 0.0
+        rnd += 1
+        if rnd <= args.warmup:
+            continue
+        timed += 1
+        stalls.append(stall)
+        for k in names:
+            all_times[k].append(this[k])
+        if stall <= args.max_stall or not use_psi:
+            for k in names:
+                times[k].append(this[k])
+    contended = use_psi and len(times[names[0]]) < max(min(3, args.iters), args.iters // 2)
+    if contended:   # too few quiet rounds: use them all, and say so
+        times = all_times
+    accepted = len(times[names[0]])
     psi_end = cpu_pressure()
     med = {k: statistics.median(v) for k, v in times.items()}
     mins = {k: min(v) for k, v in times.items()}
@@ -400,14 +441,17 @@ def main(argv=None) -> int:
     b = med.get("base")
     print()
     if psi_start is not None:
-        print(f"CPU pressure (PSI some avg10, other load) at start/end of timing: {psi_start:.0f}% / {psi_end:.0f}%")
-    print(f"{'variant':<14}{'median ms':>11}{'IQR ms':>19}{'min ms':>10}{'x base':>9}{'x base paired':>15}")
+        print(f"CPU pressure (PSI some avg10) at start/end of timing: {psi_start:.0f}% / {psi_end:.0f}%; "
+              f"rounds: {accepted} used of {timed} timed (max stall {args.max_stall:g}, median stall "
+              f"{statistics.median(stalls):.3f})" + ("  ** CONTENDED: too few quiet rounds, all used **"
+                                                      if contended else ""))
+    print(f"{'variant':<16}{'median ms':>11}{'IQR ms':>19}{'min ms':>10}{'x base':>9}{'x base paired':>15}")
     for k in names:
         rb = f"{med[k] / b:9.3f}" if b else f"{'-':>9}"
         pb = (f"{statistics.median(u / v for u, v in zip(times[k], times['base'])):15.3f}"
               if b else f"{'-':>15}")
         tag = "  (auto)" if k == f"goat_{auto}" else ""
-        print(f"{k:<14}{med[k]:11.2f}{q[k][0]:10.2f}-{q[k][1]:<8.2f}{mins[k]:10.2f}{rb}{pb}{tag}")
+        print(f"{k:<16}{med[k]:11.2f}{q[k][0]:10.2f}-{q[k][1]:<8.2f}{mins[k]:10.2f}{rb}{pb}{tag}")
 
     def ratio(a, c):
         return round(med[a] / med[c], 4) if a in med and c in med else None
@@ -443,6 +487,9 @@ def main(argv=None) -> int:
                    "iters": args.iters, "warmup": args.warmup, "seed": args.seed, "bias": args.bias,
                    "loop_expert0_shape": args.loop_expert0_shape, "torch": torch.__version__,
                    "cpu_pressure_avg10": [psi_start, psi_end]},
+        "rounds": {"used": accepted, "timed": timed, "max_stall": args.max_stall,
+                   "median_stall": round(statistics.median(stalls), 4) if stalls else None,
+                   "contended": contended},
     }
     print()
     print(json.dumps(summary))
