@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import GoatConfig
 from .kernels import dense_experts, grouped_experts

@@ -130,8 +130,8 @@ def format_prompt(record: dict, template: str) -> str:
         raise DataError(f"data.prompt_template {template!r} has no {{instruction}} field; use "
                         f"'alpaca' or a string with {{instruction}} (and {{input}})")
     elif inp.strip() and "{input}" not in template:
-        raise DataError(f"a record has a non-empty 'input' but data.prompt_template has no "
-                        f"{{input}} field, so the input would be lost; add {{input}} to the template")
+        raise DataError("a record has a non-empty 'input' but data.prompt_template has no "
+                        "{input} field, so the input would be lost; add {input} to the template")
     values = {"instruction": instruction, "input": inp}
     return _FIELD.sub(lambda m: values[m.group(1)], template)
 

@@ -21,7 +21,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
