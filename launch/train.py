@@ -22,9 +22,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
 
 
+def config_reference() -> str:
+    """Every run-config key with its default, generated from the dataclasses (documented there)."""
+    import dataclasses
+    sys.path.insert(0, ROOT)
+    from goat_dist.train.config import _SECTIONS
+    lines = ["run config keys (section.key=default; see goat_dist/train/config.py and "
+             "goat_dist/config.py for what each means):"]
+    for name, cls in _SECTIONS.items():
+        fields = [f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+                  for f in dataclasses.fields(cls)]
+        lines.append(f"  {name}: " + ", ".join(fields))
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_reference() if any(a in ("-h", "--help") for a in argv) else None)
     p.add_argument("--config", default=None,
                    help="run config, YAML or JSON (sections: model, data, goat, optim, train). "
                         "Default: the embedded demo, configs/demo.yaml")
