@@ -74,12 +74,9 @@ def _cpu_model() -> str:
 
 # --------------------------------------------------------------------------- worker
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
+    from goat_dist.parallel.local import init_local_process_group
+    init_local_process_group(rank, world, port)
     import torch
-    torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
     import torch.nn as nn
 
@@ -90,7 +87,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_d
     from goat_dist.parallel.groups import create_expert_parallel_groups
     from goat_dist.svd import layer_priors
 
-    deepspeed.init_distributed(dist_backend="gloo")
     dist.barrier()
     # Time spent inside all_to_all_single (only the ep2 dispatcher calls it; includes waiting for
     # the peer): wrapped in this process only, for the breakdown.

@@ -163,15 +163,11 @@ def _save_priors(init, path: str) -> None:
 
 # --------------------------------------------------------------------------- worker
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
+    from goat_dist.parallel.local import init_local_process_group
+    init_local_process_group(rank, world, port)
     import torch
-    torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
     model, cfg, names = _build(args)
     _install_timers()
     # warm-up: gloo connections, LAPACK initialisation

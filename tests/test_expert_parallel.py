@@ -21,9 +21,8 @@ pytestmark = pytest.mark.slow
 def _layer_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     """Each rank runs its half of a token batch through an EP layer (ep_size=2) and compares
     outputs and gradients with the replicated layer run on the full batch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    import deepspeed
+    from goat_dist.parallel.local import init_local_process_group
+    init_local_process_group(rank, world, port)
     import torch.distributed as dist
     from goat_dist.config import GoatConfig
     from goat_dist.layer import GoatLinear
@@ -31,8 +30,6 @@ def _layer_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     from goat_dist.parallel.groups import create_expert_parallel_groups
     from goat_dist.svd import layer_priors
 
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
     report = []
     # (top_k, starve): with a zero router every token picks experts 0..k-1, so the second
     # rank's experts get no token at all (its dispatch must still join every exchange)

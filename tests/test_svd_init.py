@@ -36,8 +36,8 @@ def test_cache_key_tracks_weight_and_config():
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    from goat_dist.parallel.local import init_local_process_group
+    init_local_process_group(rank, world, port)
     import deepspeed
     import torch.distributed as dist
     from goat_dist.model import find_target_modules
@@ -45,8 +45,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     from goat_dist.svd import layer_priors
     from goat_dist.train.modeling import build_preset
 
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
     cfg = GoatConfig(r=8, lora_alpha=16, num_experts=4, top_k=2)
     model = build_preset("tiny-llama", vocab_size=128, seed=0)
     names = find_target_modules(model, cfg)
