@@ -85,3 +85,27 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_local_hf_folder_loads_partitioned_under_zero3(tmp_path):
+    """A model folder (save_pretrained) + tokenizer folder: under ZeRO-3 transformers builds it
+    inside zero.Init (HfDeepSpeedConfig first), and training matches the one-process run."""
+    from goat_dist.train.data import corpus_texts, load_splits
+    from goat_dist.train.config import load_run_config
+    from goat_dist.train.modeling import build_preset
+    from goat_dist.train.tokenizer import train_sentencepiece_tokenizer
+
+    folder = str(tmp_path / "tiny_llama_hf")
+    probe = load_run_config(tiny_config(str(tmp_path / "p.yaml"), str(tmp_path / "p")))
+    tok = train_sentencepiece_tokenizer(
+        corpus_texts(load_splits(probe.data, "causal_lm", 0).train, probe.data), 256, folder)
+    build_preset("tiny-llama", len(tok), seed=0, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    model = {"preset": None, "name_or_path": folder}
+    one = tiny_config(str(tmp_path / "one.yaml"), str(tmp_path / "one"), model=model,
+                      train={"gradient_accumulation_steps": 4})
+    two = tiny_config(str(tmp_path / "two.yaml"), str(tmp_path / "two"), model=model)
+    assert run_train(["--config", one]) == 0
+    assert run_train(["--config", two, "--ds_config", ZERO3], world=2) == 0
+    assert read_summary(str(tmp_path / "two"))["base_loaded_partitioned"] is True
+    assert read_summary(str(tmp_path / "one"))["base_loaded_partitioned"] is False
+    assert losses(str(tmp_path / "two")) == pytest.approx(losses(str(tmp_path / "one")), abs=1e-4)

@@ -160,6 +160,8 @@ class Trainer:
         pad_id = self.tokenizer.pad_token_id
         model, self._keepalive = load_base_model(run.model, len(self.tokenizer), num_labels,
                                                  t.seed, pad_id, self.ds if self.zero3 else None)
+        # Whether ZeRO-3 built the backbone partitioned (no rank ever held it whole).
+        self.loaded_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
         check_tokenizer_fits(self.tokenizer, embedding_rows(model))
         if self.task == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
@@ -418,6 +420,7 @@ class Trainer:
             "resumed_from": self.resume_from, "world_size": self.world,
             "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
             "ep_size": run.train.ep_size, "svd_init": self.svd_init,
+            "base_loaded_partitioned": self.loaded_partitioned,
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(self.data.train),
             "eval_examples": 0 if self.data.eval is None else len(self.data.eval),
