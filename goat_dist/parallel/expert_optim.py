@@ -88,22 +88,25 @@ class ExpertOptimizer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def engine_squared_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """Sum of squared full gradients of engine-held parameters (any ZeRO stage). Collective."""
+def engine_gradients(params: Iterable[torch.nn.Parameter]) -> list:
+    """Full gradients of engine-held parameters (any ZeRO stage; None where there is none).
+    Collective: each partitioned gradient is assembled across the data-parallel group."""
     from deepspeed.utils import safe_get_full_grad
+    return [safe_get_full_grad(p) for p in params]
+
+
+def squared_norm(grads: Iterable) -> torch.Tensor:
     sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        g = safe_get_full_grad(p)
+    for g in grads:
         if g is not None:
             sq += g.double().pow(2).sum().cpu()
     return sq
 
 
-def scale_engine_gradients(params: Iterable[torch.nn.Parameter], coef: float) -> None:
-    """Multiply the engine-held gradients by ``coef`` (any ZeRO stage). Collective."""
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-    for p in params:
-        g = safe_get_full_grad(p)
+def scale_engine_gradients(params: Iterable[torch.nn.Parameter], grads: list, coef: float) -> None:
+    """Write ``coef * grad`` back into the engine's (possibly partitioned) gradients."""
+    from deepspeed.utils import safe_set_full_grad
+    for p, g in zip(params, grads):
         if g is not None:
             safe_set_full_grad(p, g * coef)
 

@@ -31,8 +31,8 @@ from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, pr
 from .ds_config import resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
 from ..parallel.dispatch import ExpertParallelDispatcher
-from ..parallel.expert_optim import (ExpertOptimizer, clip_coefficient, engine_squared_norm,
-                                     scale_engine_gradients)
+from ..parallel.expert_optim import (ExpertOptimizer, clip_coefficient, engine_gradients,
+                                     scale_engine_gradients, squared_norm)
 from ..parallel.groups import create_expert_parallel_groups
 from .monitor import Monitor, Throughput
 from .tokenizer import check_tokenizer_fits, load_tokenizer, train_sentencepiece_tokenizer
@@ -269,11 +269,12 @@ class Trainer:
         """At the accumulation boundary: reduce expert gradients, clip everything jointly."""
         self.expert_opt.reduce_gradients()
         engine_params = self.goat.trainable_parameters()
-        total_sq = float(self.expert_opt.squared_norm() + engine_squared_norm(engine_params))
+        grads = engine_gradients(engine_params)
+        total_sq = float(self.expert_opt.squared_norm() + squared_norm(grads))
         coef = clip_coefficient(total_sq, self.run_cfg.optim.max_grad_norm)
         if coef < 1.0:
             self.expert_opt.scale_gradients(coef)
-            scale_engine_gradients(engine_params, coef)
+            scale_engine_gradients(engine_params, grads, coef)
         return math.sqrt(total_sq)
 
     # ------------------------------------------------------------------ evaluation
