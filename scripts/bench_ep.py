@@ -42,34 +42,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+from _bench_common import cpu_model, free_port
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 VARIANTS = ("ep1_dense", "ep1_grouped", "ep2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- worker
@@ -301,10 +283,10 @@ def main() -> None:
     print(f"bench_ep: world={args.world} (gloo, 1 thread/rank) layers={args.layers} n=m={args.dim} "
           f"tokens/rank={args.tokens} r_e={args.expert_rank} top_k={args.top_k} "
           f"dropout={args.dropout} iters={args.iters} warmup={args.warmup}", flush=True)
-    print(f"cpu: {_cpu_model()}, {os.cpu_count()} logical cores", flush=True)
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} logical cores", flush=True)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(args.world, _free_port(), args, tmp), nprocs=args.world,
+        mp.start_processes(_worker, args=(args.world, free_port(), args, tmp), nprocs=args.world,
                            start_method="spawn", join=True)
         with open(os.path.join(tmp, "result.json")) as f:
             points = json.load(f)
@@ -372,7 +354,7 @@ def main() -> None:
     print(f"EP pays in expert memory from E = {mem_from} (ratios "
           + ", ".join(f"E={r['E']}: {r['mem_ratio_ep2_over_ep1']:.2f}" for r in summary) + ")")
     print(f"total wall time {wall:.0f} s")
-    out = {"benchmark": "bench_ep", "cpu": _cpu_model(), "cores": os.cpu_count(),
+    out = {"benchmark": "bench_ep", "cpu": cpu_model(), "cores": os.cpu_count(),
            "config": {"world": args.world, "ep_sizes": [1, args.world], "layers": args.layers,
                       "dim": args.dim, "tokens_per_rank": args.tokens, "expert_rank": args.expert_rank,
                       "top_k": args.top_k, "dropout": args.dropout, "iters": args.iters,

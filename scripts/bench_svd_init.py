@@ -43,38 +43,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+
+from _bench_common import cpu_model, free_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 _T: dict[str, float] = defaultdict(float)
 _SVD_TIMES: list[float] = []          # wall time of each SVD of the current run, in order (= rounds)
 COMPONENTS = ("svd", "hash", "cache_get", "cache_put", "bcast")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _install_timers() -> None:
@@ -271,7 +253,7 @@ def main() -> None:
     censored = 0
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(args.world, _free_port(), args, tmp),
+        ctx = mp.start_processes(_worker, args=(args.world, free_port(), args, tmp),
                                  nprocs=args.world, start_method="spawn", join=False)
         dctx = mp.start_processes(_default_threads_worker, args=(args, tmp), nprocs=1,
                                   start_method="spawn", join=False)
@@ -281,7 +263,7 @@ def main() -> None:
             _wait_for(os.path.join(tmp, "ready_default"))
             with open(os.path.join(tmp, "ready_default")) as f:
                 default_threads = int(f.read())
-            print(f"cpu: {_cpu_model()}, {os.cpu_count()} logical cores; torch default threads "
+            print(f"cpu: {cpu_model()}, {os.cpu_count()} logical cores; torch default threads "
                   f"{default_threads}; distributed: {args.world} gloo ranks x 1 thread", flush=True)
             one_priors = {}
             k_default = 0
@@ -462,7 +444,7 @@ def main() -> None:
           f"vs 1 thread {S['one_1t']['median_s'] / S['dist']['median_s']:.2f}x); cached >= 20x: "
           f"{sp_cached:.1f}x ({'MET' if sp_cached >= 20 else 'MISSED'})")
     print(f"total wall time {wall_total:.0f} s")
-    out = {"benchmark": "bench_svd_init", "cpu": _cpu_model(), "cores": os.cpu_count(),
+    out = {"benchmark": "bench_svd_init", "cpu": cpu_model(), "cores": os.cpu_count(),
            "config": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
                       "goat_layers": n_layers, "shapes": shapes, "init": cfg.init, "E": cfg.num_experts,
                       "r": cfg.r, "svd_dtype": cfg.svd_dtype, "reps": args.reps,
