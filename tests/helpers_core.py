@@ -107,3 +107,13 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {n: p.detach().clone() for n, p in model.named_parameters()}
     sd.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
     return sd
+
+
+def small_cfg(**kw):
+    """A small GoatConfig (r=8, E=4, top-2, no dropout) for injection tests; kw override."""
+    from goat_dist.config import GoatConfig
+    kw.setdefault("r", 8)
+    kw.setdefault("num_experts", 4)
+    kw.setdefault("top_k", 2)
+    kw.setdefault("lora_dropout", 0.0)
+    return GoatConfig(**kw)

@@ -14,15 +14,10 @@ from goat_dist.adapter_io import (CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, l
 from goat_dist.config import GoatConfig
 from goat_dist.layer import GoatLinear
 from goat_dist.model import get_goat_model
-from tests.helpers_core import lm_batch, snapshot, tiny_bert, tiny_llama
+from tests.helpers_core import small_cfg, lm_batch, snapshot, tiny_bert, tiny_llama
 
 
-def _cfg(**kw):
-    kw.setdefault("r", 8)
-    kw.setdefault("num_experts", 4)
-    kw.setdefault("top_k", 2)
-    kw.setdefault("lora_dropout", 0.0)
-    return GoatConfig(**kw)
+_cfg = small_cfg
 
 
 def _train(goat, batch, steps=3):

@@ -7,22 +7,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from goat_dist.config import GoatConfig, GoatConfigError
+from goat_dist.config import GoatConfigError
 from goat_dist.layer import GoatLinear
 from goat_dist.model import GoatModel, find_target_modules, get_goat_model
-from tests.helpers_core import (goat_param_names, lm_batch, snapshot, tiny_bert, tiny_llama,
-                                tiny_roberta)
+from tests.helpers_core import (goat_param_names, lm_batch, small_cfg, snapshot, tiny_bert,
+                                tiny_llama, tiny_roberta)
 from tests.oracle import reference_forward
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _cfg(**kw):
-    kw.setdefault("r", 8)
-    kw.setdefault("num_experts", 4)
-    kw.setdefault("top_k", 2)
-    kw.setdefault("lora_dropout", 0.0)
-    return GoatConfig(**kw)
+_cfg = small_cfg
 
 
 def _cls_batch(seed=3):
