@@ -1,0 +1,192 @@
+"""One resumable study unit: train (picking an interrupted run up from its checkpoint), then
+evaluate, each stage a measured subprocess tree; a rerun skips the stages already done.
+
+A unit's folder::
+
+    <unit_dir>/train/            the trainer's output_dir (checkpoints, adapter/, summary.json)
+    <unit_dir>/eval_<name>/      launch/evaluate.py's output_dir for one evaluation set (e.g.
+                                 ``val`` for model selection, ``test`` for the final numbers)
+    <unit_dir>/unit.json         what ran: commands, attempts, time and memory per stage
+
+One trained adapter can be evaluated on several sets (the learning-rate sweep's best run is
+also a seed of the final table) without training it again.
+
+Unlike scripts/scaling_study.py's points (which are rerun from scratch so that throughput covers
+one whole run), a unit resumes: what matters here is the trained adapter's accuracy, and resume
+is exact (tests/test_train_distributed.py), so an interrupted hour of training is not thrown
+away. Time is summed over attempts; peak memory is the max over attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .process import error_summary, log, run_point
+from .readback import is_finished, read_json
+
+
+@dataclass
+class StageRecord:
+    """What one stage (train or eval) of a unit cost, over all its attempts.
+
+    Attributes:
+        status: ``planned``, ``ok`` (ran now and finished), ``done`` (finished earlier, skipped
+            now), ``stopped`` (training ended early on purpose, e.g. ``train.stop_after_steps``
+            or a preemption signal, with a checkpoint to resume from) or ``failed``.
+        attempts: how many times the stage was started, this run and earlier ones.
+        run_time_s: wall time summed over attempts (subprocess start to exit).
+        peak_rss_mb_max: peak resident memory of the tree (MiB), max over attempts.
+        peak_rss_mb_per_rank: per-rank peaks of the last attempt.
+        returncode, reason, stderr_tail: of the last attempt (reason empty when it succeeded).
+        cmd: the last attempt's command line.
+    """
+
+    status: str = "planned"
+    attempts: int = 0
+    run_time_s: float = 0.0
+    peak_rss_mb_max: float = math.nan
+    peak_rss_mb_per_rank: list[float] = field(default_factory=list)
+    returncode: Optional[int] = None
+    reason: str = ""
+    stderr_tail: str = ""
+    cmd: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UnitResult:
+    """The two stages of a unit (training, one evaluation set) and where their outputs are."""
+
+    unit_id: str
+    unit_dir: str
+    eval_name: str = "test"
+    train: StageRecord = field(default_factory=StageRecord)
+    eval: StageRecord = field(default_factory=StageRecord)
+
+    @property
+    def train_dir(self) -> str:
+        return os.path.join(self.unit_dir, "train")
+
+    @property
+    def eval_dir(self) -> str:
+        return os.path.join(self.unit_dir, f"eval_{self.eval_name}")
+
+    @property
+    def ok(self) -> bool:
+        return self.train.status in ("ok", "done") and self.eval.status in ("ok", "done")
+
+
+def eval_finished(eval_dir: str) -> bool:
+    return read_json(os.path.join(eval_dir, "eval_results.json")) is not None
+
+
+def _stage_from(saved: Optional[dict]) -> StageRecord:
+    rec = StageRecord()
+    if saved:
+        names = {f.name for f in dataclasses.fields(StageRecord)}
+        for k, v in saved.items():
+            if k in names:
+                setattr(rec, k, v)
+    return rec
+
+
+def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: str,
+               log_dir: str, poll_s: float, timeout_s: float, finished) -> None:
+    """Run ``cmd`` once more (``rec`` accumulates) and judge it by ``finished()``."""
+    rec.attempts += 1
+    rec.cmd = list(cmd)
+    m = run_point(cmd, env, log_dir, poll_s, timeout_s)
+    rec.run_time_s += m["run_time_s"]
+    peaks = [v for v in (rec.peak_rss_mb_max, m["peak_rss_mb_max"])
+             if isinstance(v, (int, float)) and not math.isnan(v)]
+    rec.peak_rss_mb_max = max(peaks) if peaks else math.nan
+    rec.peak_rss_mb_per_rank = m["peak_rss_mb_per_rank"]
+    rec.returncode = m["returncode"]
+    if m["returncode"] == 0 and finished():
+        rec.status, rec.reason, rec.stderr_tail = "ok", "", ""
+        return
+    summary = read_json(os.path.join(out_dir, "summary.json")) or {}
+    if m["returncode"] == 0 and summary.get("finished") is False:
+        rec.status, rec.reason = "stopped", f"stopped at step {summary.get('global_step')}"
+        return
+    rec.status = "failed"
+    with open(os.path.join(log_dir, "stderr.log"), errors="replace") as f:
+        rec.reason, rec.stderr_tail = error_summary(f.read())
+    if m["timed_out"]:
+        rec.reason = f"timeout after {timeout_s:.0f} s; " + rec.reason
+    elif m["returncode"] < 0:
+        rec.reason = f"killed by signal {-m['returncode']}; " + rec.reason
+    elif m["returncode"] == 0:
+        rec.reason = f"exited 0 but its outputs in {out_dir} are not complete; " + rec.reason
+
+
+def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
+             eval_cmd: list[str], env: dict[str, str], eval_name: str = "test",
+             poll_s: float = 0.5, timeout_s: float = 0.0, tag: str = "") -> UnitResult:
+    """Train then evaluate one unit, skipping what an earlier run finished.
+
+    Args:
+        train_cmd: the training command; it must write to ``<unit_dir>/train`` and resume from
+            its latest checkpoint (launch/train.py's default ``train.resume=auto``). ``None``
+            for a unit that only evaluates (the zero-shot base model).
+        eval_cmd: the evaluation command, writing to ``<unit_dir>/eval_<eval_name>`` (and
+            reading the adapter from ``<unit_dir>/train`` when there is one).
+        env: the subprocesses' environment (see process.child_env).
+        timeout_s: per stage attempt; 0 = none.
+    """
+    from ..train.monitor import write_json_atomic
+
+    os.makedirs(unit_dir, exist_ok=True)
+    res = UnitResult(unit_id, unit_dir, eval_name)
+    path = os.path.join(unit_dir, "unit.json")
+    saved = read_json(path) or {}
+    res.train = _stage_from(saved.get("train"))
+    res.eval = _stage_from((saved.get("eval") or {}).get(eval_name))
+
+    def save() -> None:
+        # re-read: another evaluation set of this unit may have been recorded meanwhile
+        current = read_json(path) or {}
+        evals = dict(current.get("eval") or {})
+        evals[eval_name] = dataclasses.asdict(res.eval)
+        write_json_atomic(path, {"unit_id": unit_id,
+                                 "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "train": dataclasses.asdict(res.train), "eval": evals})
+
+    if train_cmd is None:
+        res.train.status = "done"
+    elif is_finished(res.train_dir):
+        res.train.status = "done"
+        log(f"{tag}: training finished earlier, skipped")
+    else:
+        how = "resuming" if res.train.attempts else "training"
+        log(f"{tag}: {how}; logs in {unit_dir}/train_log/")
+        _run_stage(res.train, train_cmd, env, res.train_dir, os.path.join(unit_dir, "train_log"),
+                   poll_s, timeout_s, lambda: is_finished(res.train_dir))
+        save()
+        if res.train.status in ("failed", "stopped"):
+            log(f"{tag}: training {res.train.status}: {res.train.reason}")
+            return res
+    if eval_finished(res.eval_dir):
+        res.eval.status = "done"
+        log(f"{tag}: evaluation finished earlier, skipped")
+    else:
+        log(f"{tag}: evaluating ({eval_name}); logs in {unit_dir}/eval_{eval_name}_log/")
+        _run_stage(res.eval, eval_cmd, env, res.eval_dir,
+                   os.path.join(unit_dir, f"eval_{eval_name}_log"),
+                   poll_s, timeout_s, lambda: eval_finished(res.eval_dir))
+        if res.eval.status == "failed":
+            log(f"{tag}: evaluation failed: {res.eval.reason}")
+    save()
+    return res
+
+
+def unit_record(res: UnitResult) -> dict[str, Any]:
+    """A flat dict of a unit's stage figures, for tables."""
+    return {"train_status": res.train.status, "train_attempts": res.train.attempts,
+            "train_time_s": res.train.run_time_s, "train_peak_rss_mb": res.train.peak_rss_mb_max,
+            "eval_status": res.eval.status, "eval_time_s": res.eval.run_time_s,
+            "reason": res.train.reason or res.eval.reason}

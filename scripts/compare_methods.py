@@ -1,0 +1,680 @@
+#!/usr/bin/env python
+"""Compare fine-tuning methods, or GOAT expert counts, on a real model: train, evaluate, tabulate.
+
+    # the method table of docs/RESULTS.md: a learning-rate sweep on the validation split, then
+    # every method at its best learning rate with 3 seeds, evaluated on the full test sets
+    python scripts/compare_methods.py --config configs/smollm2_std.yaml \\
+        --lrs 1e-4 2e-4 5e-4 --seeds 0 1 2 --study-dir outputs/compare_methods
+
+    # the expert-count study of docs/SCALING_STUDY.md (GOAT at fixed total rank)
+    python scripts/compare_methods.py --config configs/smollm2_std.yaml --methods \\
+        --expert-grid 2 4 8 16 --top-k 1 2 --ep-size 1 --lrs 2e-4 --seeds 0 \\
+        --study-dir outputs/expert_count
+
+    # plan only: every unit, its overrides and its commands
+    python scripts/compare_methods.py --config configs/smollm2_std.yaml --dry-run
+
+Methods (every one at the run config's total rank goat.r, targets and schedule; the table is
+METHODS below): ``lora`` (E=1, kaiming A / zero B), ``pissa`` (E=1, top-r SVD), ``milora``
+(E=1, bottom-r SVD), ``molora`` (E=8, k=2, random experts), ``hydralora`` (E=8, k=2, one shared
+A), ``goat`` (E=8, k=2, SVD segments), ``goat_mini`` (E=8, k=2, the segments' minor
+components), and ``base``: the model evaluated without an adapter.
+
+Phases:
+    sweep   each method of --sweep-methods (default lora goat) at each --lrs value, seed
+            --seeds[0], evaluated on --val-tasks (the validation split). The best value by the
+            average --metric picks the learning rate of its family: methods with E = 1 take the
+            best of ``lora``, mixtures take the best of ``goat`` (LR_FAMILY), unless swept
+            themselves. One --lrs value = no sweep.
+    final   every method at its learning rate, every seed, evaluated on --test-tasks. A final
+            unit that the sweep already trained (same method, lr, seed) is not trained again.
+
+Resuming: every trained adapter lives in <study-dir>/runs/<method>_lr<lr>_s<seed>/ (see
+goat_dist/study/units.py). A rerun skips finished stages, resumes interrupted training from its
+last checkpoint, and reruns failed evaluations; results.csv / results.md are rewritten after
+every unit, so partial tables can be committed while a long study runs. <study-dir>/study.json
+records the settings every unit shares; a rerun with other settings is refused.
+``--stop-after-steps N`` ends every training invocation at global step N with a checkpoint (a
+run then shows as ``stopped``): for a job with a time limit; rerun without it to continue.
+
+Outputs in --study-dir: results.csv (one row per unit and evaluation set: every task's metric
+and stderr, time, memory, throughput, load CV), results.md (per-method mean +- std over seeds
+per task, the chosen learning rates, the sweep), loss_curves.png, accuracy.png (and, with
+--expert-grid, accuracy_vs_E.png). The last line on stdout is a JSON summary.
+
+Exit status: 0 when every unit finished, 1 when some unit failed or stopped, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from goat_dist.study.process import child_env, log as _log  # noqa: E402
+from goat_dist.study.readback import read_json, tensorboard_scalars  # noqa: E402
+from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
+
+TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
+EVAL_SCRIPT = os.path.join(ROOT, "launch", "evaluate.py")
+DEFAULT_DS_CONFIG = os.path.join(ROOT, "ds_configs", "zero2.json")
+
+# name -> GOAT overrides. Total rank, alpha, targets, dropout and aux coefficient come from the
+# run config, so every method gets the same budget (the paper's Table 3 protocol).
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"goat.num_experts": 1, "goat.top_k": 1, "goat.init": "molora"},
+    "pissa": {"goat.num_experts": 1, "goat.top_k": 1, "goat.init": "pissa"},
+    "milora": {"goat.num_experts": 1, "goat.top_k": 1, "goat.init": "milora"},
+    "molora": {"goat.num_experts": 8, "goat.top_k": 2, "goat.init": "molora"},
+    "hydralora": {"goat.num_experts": 8, "goat.top_k": 2, "goat.init": "hydralora"},
+    "goat": {"goat.num_experts": 8, "goat.top_k": 2, "goat.init": "goat"},
+    "goat_mini": {"goat.num_experts": 8, "goat.top_k": 2, "goat.init": "goat_mini"},
+}
+# Model selection evaluates the tasks that have training data, on the validation split.
+VAL_TASKS = ["cs_std_boolq", "cs_std_arc_easy", "cs_std_arc_challenge", "cs_std_obqa"]
+# Whose swept learning rate a method takes when it is not swept itself.
+LR_FAMILY = {"lora": "lora", "pissa": "lora", "milora": "lora", "molora": "goat",
+             "hydralora": "goat", "goat": "goat", "goat_mini": "goat"}
+# Keys each unit sets itself; a --set of one of them would be silently overridden.
+UNIT_KEYS = ("goat.num_experts", "goat.top_k", "goat.init", "optim.lr", "train.seed",
+             "train.ep_size", "train.output_dir", "train.resume", "train.overwrite_output_dir",
+             "train.stop_after_steps")
+
+
+def log(msg: str) -> None:
+    _log(msg, "compare_methods")
+
+
+@dataclass
+class Variant:
+    """One thing to train: a method of METHODS or a point of the expert grid.
+
+    Attributes:
+        name: unit-name prefix (``goat``, ``goat_E4_k1_ep1``, ``base``).
+        overrides: run-config overrides that make it (``section.key=value``).
+        family: whose learning rate it takes when not swept (LR_FAMILY; itself for grid points).
+        trains: False for the zero-shot base model (evaluated only).
+    """
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    family: str = ""
+    trains: bool = True
+
+
+@dataclass
+class Unit:
+    """A (variant, lr, seed) training run and one evaluation set of it."""
+
+    variant: Variant
+    lr: Optional[float]
+    seed: Optional[int]
+    phase: str          # sweep | final | base
+    eval_name: str      # val | test
+
+    @property
+    def run_id(self) -> str:
+        if not self.variant.trains:
+            return "base"
+        return f"{self.variant.name}_lr{self.lr:g}_s{self.seed}"
+
+
+def variants_of(args: argparse.Namespace) -> list[Variant]:
+    out = []
+    for m in args.methods:
+        if m == "base":
+            out.append(Variant("base", [], "", trains=False))
+        else:
+            out.append(Variant(m, [f"{k}={v}" for k, v in METHODS[m].items()], LR_FAMILY[m]))
+    for E in args.expert_grid or []:
+        for k in args.top_k:
+            for ep in args.ep_size:
+                if k > E or E % ep:
+                    log(f"expert grid: skipping E={E} k={k} ep={ep} (top_k > E or ep_size does "
+                        f"not divide E)")
+                    continue
+                name = f"goat_E{E}_k{k}_ep{ep}"
+                out.append(Variant(name, [f"goat.num_experts={E}", f"goat.top_k={k}",
+                                          "goat.init=goat", f"train.ep_size={ep}"], name))
+    return out
+
+
+# ---------------------------------------------------------------------------- commands
+def train_cmd(args, unit: Unit, run_dir: str) -> list[str]:
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(args.procs)] if args.procs > 1 else [sys.executable])
+    cmd += [TRAIN_SCRIPT, "--config", args.config]
+    cmd += ["--ds_config", args.ds_config] if args.ds_config else []
+    cmd += ["--output_dir", os.path.join(run_dir, "train")]
+    cmd += list(args.overrides) + unit.variant.overrides
+    # resume=auto picks an interrupted run up from its checkpoint; overwrite_output_dir lets a
+    # run that died before its first checkpoint start again in the same folder
+    cmd += [f"optim.lr={unit.lr!r}", f"train.seed={unit.seed}", "train.resume=auto",
+            "train.overwrite_output_dir=true"]
+    if args.stop_after_steps:
+        cmd.append(f"train.stop_after_steps={args.stop_after_steps}")
+    return cmd
+
+
+def eval_cmd(args, unit: Unit, run_dir: str) -> list[str]:
+    procs = args.eval_procs
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(procs)] if procs > 1 else [sys.executable])
+    cmd += [EVAL_SCRIPT, "--model", args.model]
+    if unit.variant.trains:
+        cmd += ["--adapter", os.path.join(run_dir, "train")]
+    tasks, data_dir = ((args.val_tasks, args.val_data_dir) if unit.eval_name == "val"
+                       else (args.test_tasks, args.test_data_dir))
+    cmd += ["--tasks", *tasks, "--output_dir", os.path.join(run_dir, f"eval_{unit.eval_name}")]
+    cmd += ["--data_dir", data_dir] if data_dir else []
+    cmd += ["--limit", str(args.limit)] if args.limit else []
+    cmd += ["--dtype", args.eval_dtype, "--batch_size", str(args.eval_batch_size)]
+    return cmd
+
+
+# ---------------------------------------------------------------------------- results
+def eval_metrics(eval_dir: str, metric: str) -> dict[str, tuple[float, float]]:
+    """{task: (value, stderr)} of ``metric`` from launch/evaluate.py's eval_results.json.
+
+    The stderr is lm-eval's where it reported one; otherwise (it says "N/A" when bootstrapping
+    is off) the closed-form standard error of a mean of 0/1 scores over the task's n records,
+    sqrt(p (1 - p) / (n - 1)), which is what lm-eval's ``mean_stderr`` computes for acc.
+    """
+    res = read_json(os.path.join(eval_dir, "eval_results.json"))
+    if not res:
+        return {}
+    raw = (res.get("lm_eval") or {}).get("results") or {}
+    out = {}
+    for task, vals in (res.get("metrics") or {}).items():
+        v = vals.get(metric)
+        if not isinstance(v, (int, float)):
+            continue
+        se = (raw.get(task) or {}).get(f"{metric}_stderr,none")
+        if not isinstance(se, (int, float)):
+            n = (res.get("n_samples") or {}).get(task) or 0
+            se = math.sqrt(v * (1 - v) / (n - 1)) if n > 1 and 0 <= v <= 1 else math.nan
+        out[task] = (float(v), float(se))
+    return out
+
+
+def train_figures(train_dir: str) -> dict[str, Any]:
+    """Throughput, load balance and the loss curve of a finished training run."""
+    summary = read_json(os.path.join(train_dir, "summary.json")) or {}
+    sc = tensorboard_scalars(os.path.join(train_dir, "tensorboard"),
+                             ["train/tokens_per_s", "experts/load_cv"])
+    rates = [v for _, v in sc.get("train/tokens_per_s", [])]
+    rates = rates[1:] if len(rates) >= 2 else rates   # the first window pays start-up costs
+    hist = summary.get("history") or []
+    return {"tokens_per_s": sum(rates) / len(rates) if rates else math.nan,
+            "load_cv": sc["experts/load_cv"][-1][1] if sc.get("experts/load_cv") else math.nan,
+            "final_train_loss": (sum(h["loss"] for h in hist[-5:]) / len(hist[-5:])
+                                 if hist else math.nan),
+            "steps": summary.get("global_step"), "wall_time_s": summary.get("wall_time_s"),
+            "loss_curve": [(h["step"], h["loss"]) for h in hist]}
+
+
+def average(metrics: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Unweighted mean over tasks and its stderr (tasks' test sets are independent)."""
+    if not metrics:
+        return math.nan, math.nan
+    vals = [v for v, _ in metrics.values()]
+    ses = [se for _, se in metrics.values()]
+    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(not math.isnan(s) for s in ses) \
+        else math.nan
+    return sum(vals) / len(vals), se
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and k != "loss_curve"]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _f(r.get(k), 8) for k in cols})
+    os.replace(tmp, path)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
+                 tasks: list[str], metric: str) -> tuple[str, dict[str, dict]]:
+    """Markdown: one line per variant, mean +- std over seeds of each task and the average.
+
+    Returns the table and, per variant, {avg, std, se, n} for the significance notes. ``se`` is
+    the standard error of the variant's mean average accuracy: seed-to-seed spread and test-set
+    sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)).
+    """
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["phase"] in phase_names and r["eval"] == eval_name and r["eval_status"] in ("ok", "done"):
+            by_variant.setdefault(r["variant"], []).append(r)
+    head = "| method | lr | seeds | " + " | ".join(tasks) + " | avg | train min |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    stats = {}
+    for name, rs in by_variant.items():
+        cells = []
+        for t in tasks:
+            m, s = mean_std([r.get(f"{t}", math.nan) for r in rs])
+            cells.append("" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}")
+        avg, sd = mean_std([r["avg"] for r in rs])
+        ses = [r["avg_stderr"] for r in rs if not math.isnan(r["avg_stderr"])]
+        se = math.sqrt(sd * sd / len(rs) + (statistics.fmean([x * x for x in ses]) if ses else 0))
+        stats[name] = {"avg": avg, "std": sd, "se": se, "n": len(rs)}
+        lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
+        tmin = [r["train_time_s"] / 60 for r in rs
+                if isinstance(r.get("train_time_s"), float) and not math.isnan(r["train_time_s"])]
+        lines.append(f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {len(rs)} | "
+                     + " | ".join(cells)
+                     + f" | {'' if math.isnan(avg) else f'{100 * avg:.2f} ± {100 * sd:.2f}'} | "
+                     + (f"{statistics.fmean(tmin):.1f}" if tmin else "") + " |")
+    return "\n".join(lines), stats
+
+
+def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
+    """Which differences from ``ref`` exceed twice their combined standard error."""
+    if ref not in stats:
+        return []
+    out = []
+    a = stats[ref]
+    for name, b in stats.items():
+        if name == ref or math.isnan(b["avg"]):
+            continue
+        d = a["avg"] - b["avg"]
+        se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+        verdict = "significant" if se > 0 and abs(d) > 2 * se else "within noise"
+        out.append(f"- {ref} - {name}: {100 * d:+.2f} points (2 SE = {200 * se:.2f}): {verdict}")
+    return out
+
+
+def plot(study_dir: str, rows: list[dict], curves: dict[str, list], grid: bool) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in sorted(curves.items()):
+        if pts:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=name, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_title("Training loss (first seed of each method)")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(study_dir, "loss_curves.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    final = [r for r in rows if r["eval"] == "test" and r["eval_status"] in ("ok", "done")
+             and not math.isnan(r["avg"])]
+    names = list(dict.fromkeys(r["variant"] for r in final))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+    for i, n in enumerate(names):
+        m, s = mean_std([r["avg"] for r in final if r["variant"] == n])
+        ax.bar(i, 100 * m, yerr=100 * s, capsize=4)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("Test accuracy, mean ± std over seeds")
+    if not names:
+        ax.text(0.5, 0.5, "no finished unit", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    paths.append(os.path.join(study_dir, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if grid:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        pts: dict[str, list] = {}
+        for r in final:
+            if r.get("E"):
+                pts.setdefault(f"k={r['top_k']} ep={r['ep_size']}", []).append(r)
+        for label, rs in sorted(pts.items()):
+            rs.sort(key=lambda r: r["E"])
+            axes[0].plot([r["E"] for r in rs], [100 * r["avg"] for r in rs], marker="o", label=label)
+            axes[1].plot([r["E"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=label)
+        for ax, yl in zip(axes, ("average accuracy (%)", "tokens/s (all ranks)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("experts E")
+            ax.set_ylabel(yl)
+            ax.grid(True, alpha=0.3)
+            if pts:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(study_dir, "accuracy_vs_E.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="base run config (model, data, schedule)")
+    p.add_argument("--ds-config", default=DEFAULT_DS_CONFIG,
+                   help="DeepSpeed JSON (default ds_configs/zero2.json); 'none' = built-in ZeRO-0")
+    p.add_argument("--methods", nargs="*", default=list(METHODS) + ["base"],
+                   help=f"methods to compare, of {sorted(METHODS) + ['base']} (default: all); "
+                        "give none with --expert-grid")
+    p.add_argument("--expert-grid", type=int, nargs="+", default=None, metavar="E",
+                   help="also GOAT at these expert counts (fixed total rank goat.r)")
+    p.add_argument("--top-k", type=int, nargs="+", default=[2], help="top_k values of the grid")
+    p.add_argument("--ep-size", type=int, nargs="+", default=[1], help="ep_size values of the grid")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="learning rates to sweep (default: the config's optim.lr, no sweep)")
+    p.add_argument("--sweep-methods", nargs="+", default=["lora", "goat"],
+                   help="methods whose learning rate is swept (default lora goat)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--procs", type=int, default=2, help="training processes per run (default 2)")
+    p.add_argument("--eval-procs", type=int, default=1, help="evaluation processes (default 1)")
+    p.add_argument("--model", default=None,
+                   help="base model folder for evaluation (default: the config's model.name_or_path)")
+    p.add_argument("--val-tasks", nargs="+", default=VAL_TASKS,
+                   help="tasks of the validation evaluation (default: the four trained tasks in "
+                        "standard form)")
+    p.add_argument("--val-file", default=os.path.join(ROOT, "data", "commonsense", "validation.json"),
+                   help="validation records (LLM-Adapters form with a `source` field; default "
+                        "data/commonsense/validation.json, carved from the training data)")
+    p.add_argument("--test-tasks", nargs="+", default=["commonsense_std"],
+                   help="tasks of the final evaluation (default commonsense_std)")
+    p.add_argument("--test-data-dir", default=None, help="test data folder (default data/eval)")
+    p.add_argument("--metric", default="acc", help="metric averaged and tabulated (default acc)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N records per task")
+    p.add_argument("--eval-dtype", default="auto", help="launch/evaluate.py --dtype (default auto)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="section.key=value", help="override applied to every training run")
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="end each training invocation at this global step (resumable; not part "
+                        "of the study's settings)")
+    p.add_argument("--study-dir", default=os.path.join("outputs", "compare_methods"))
+    p.add_argument("--timeout", type=float, default=0, help="seconds per stage attempt (0 = none)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run and write nothing")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS and m != "base"]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {sorted(METHODS) + ['base']}")
+    if not args.methods and not args.expert_grid:
+        p.error("nothing to run: give --methods and/or --expert-grid")
+    if min(args.seeds) < 0 or args.procs < 1 or args.eval_procs < 1:
+        p.error("--seeds must be >= 0, --procs and --eval-procs >= 1")
+    if args.lrs is not None and any(not (x > 0 and math.isfinite(x)) for x in args.lrs):
+        p.error(f"--lrs must be positive finite numbers, got {args.lrs}")
+    return args
+
+
+def _sha256(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def swept_names(args, variants: list[Variant]) -> set[str]:
+    """Variants whose learning rate is swept: --sweep-methods, plus any variant whose family
+    representative is not swept in this study (it has nobody to borrow a learning rate from)."""
+    names = {v.name for v in variants if v.trains}
+    direct = {n for n in names if n in args.sweep_methods}
+    return direct | {v.name for v in variants if v.trains and v.family not in direct}
+
+
+def plan(args, variants: list[Variant], best: dict[str, float]) -> tuple[list[Unit], list[Unit]]:
+    """(sweep units, final units); final units whose learning rate is not known yet (their
+    family's sweep is unfinished: ``best`` lacks it) are left out."""
+    sweep, final = [], []
+    lrs = args.lrs or [args.base_lr]
+    swept = swept_names(args, variants) if len(lrs) > 1 else set()
+    for v in variants:
+        if v.name in swept:
+            sweep += [Unit(v, lr, args.seeds[0], "sweep", "val") for lr in lrs]
+    for v in variants:
+        if not v.trains:
+            final.append(Unit(v, None, None, "base", "test"))
+            continue
+        lr = lrs[0] if len(lrs) == 1 else best.get(v.name if v.name in swept else v.family)
+        if lr is None:
+            continue
+        final += [Unit(v, lr, s, "final", "test") for s in args.seeds]
+    return sweep, final
+
+
+def split_by_source(path: str, out_dir: str) -> str:
+    """Lay a mixture file out as launch/evaluate.py's data folder: <out_dir>/<source>/test.json.
+
+    The validation split is one file with a ``source`` field per record (the training mixture's
+    layout); the evaluator reads one test file per dataset folder.
+    """
+    from goat_dist.train.monitor import write_json_atomic
+
+    with open(path) as f:
+        records = json.load(f)
+    by_source: dict[str, list] = {}
+    for r in records:
+        by_source.setdefault(r.get("source", "unknown"), []).append(r)
+    for src, recs in by_source.items():
+        os.makedirs(os.path.join(out_dir, src), exist_ok=True)
+        write_json_atomic(os.path.join(out_dir, src, "test.json"), recs)
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from goat_dist.train.config import ConfigError, load_run_config
+    from goat_dist.train.monitor import write_json_atomic
+
+    args.config = os.path.abspath(args.config)
+    args.ds_config = None if args.ds_config.lower() == "none" else os.path.abspath(args.ds_config)
+    study_dir = os.path.abspath(args.study_dir)
+    clash = [o for o in args.overrides if o.split("=", 1)[0] in UNIT_KEYS]
+    if clash:
+        print(f"compare_methods: error: --set {clash} sets a key each unit sets itself "
+              f"({', '.join(UNIT_KEYS)}); use --methods/--lrs/--seeds/--expert-grid",
+              file=sys.stderr)
+        return 2
+    if args.ds_config is not None and not os.path.isfile(args.ds_config):
+        print(f"compare_methods: error: --ds-config {args.ds_config} does not exist",
+              file=sys.stderr)
+        return 2
+    try:
+        base = load_run_config(args.config, list(args.overrides))
+    except ConfigError as e:
+        print(f"compare_methods: error: {e}", file=sys.stderr)
+        return 2
+    args.base_lr = base.optim.lr
+    args.model = os.path.abspath(args.model or base.model.name_or_path or "")
+    if not os.path.isdir(args.model):
+        print(f"compare_methods: error: evaluation needs a model folder; {args.model!r} is not "
+              f"one (set model.name_or_path in the config or pass --model)", file=sys.stderr)
+        return 2
+    args.val_file = os.path.abspath(args.val_file)
+    args.val_data_dir = os.path.join(study_dir, "validation_data")
+    variants = variants_of(args)
+    # planning before the sweep has run: NaN stands for "the family's best learning rate"
+    swept = swept_names(args, variants)
+    sweep, final = plan(args, variants, {n: math.nan for v in variants for n in (v.name, v.family)})
+    if sweep and not os.path.isfile(args.val_file):
+        print(f"compare_methods: error: --val-file {args.val_file} does not exist (build it "
+              f"with scripts/make_commonsense_data.py)", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for u in sweep + final:
+            fam = u.variant.name if u.variant.name in swept else u.variant.family
+            rid = (u.run_id if u.lr is None or not math.isnan(u.lr)
+                   else f"{u.variant.name}_lr<best of {fam}>_s{u.seed}")
+            print(f"{u.phase:5s} {rid:34s} eval={u.eval_name} {' '.join(u.variant.overrides)}",
+                  file=sys.stderr)
+        print(json.dumps({"dry_run": True, "sweep_units": len(sweep),
+                          "final_units": len(final), "study_dir": study_dir}))
+        return 0
+
+    os.makedirs(study_dir, exist_ok=True)
+    lock = open(os.path.join(study_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"compare_methods: error: another study is running in {study_dir}", file=sys.stderr)
+        return 2
+    settings = {"config": args.config, "config_sha256": _sha256(args.config),
+                "ds_config": args.ds_config, "ds_config_sha256": _sha256(args.ds_config),
+                "procs": args.procs, "overrides": list(args.overrides), "model": args.model,
+                "metric": args.metric, "limit": args.limit, "eval_dtype": args.eval_dtype,
+                "val_tasks": args.val_tasks, "test_tasks": args.test_tasks,
+                "val_file_sha256": _sha256(args.val_file) if sweep else None}
+    study_json = os.path.join(study_dir, "study.json")
+    previous = read_json(study_json)
+    if previous is not None and previous.get("settings") != settings:
+        diff = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
+        print(f"compare_methods: error: {study_dir} holds a study with other settings "
+              f"({', '.join(diff)} differ); use a new --study-dir, or rerun with the settings "
+              f"recorded in {study_json}", file=sys.stderr)
+        return 2
+    write_json_atomic(study_json, {"settings": settings,
+                                   "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    if sweep:
+        split_by_source(args.val_file, args.val_data_dir)
+    env = child_env(1)
+    env_multi = child_env(2)
+    rows: list[dict] = []
+    curves: dict[str, list] = {}
+    results: list[UnitResult] = []
+
+    def execute(u: Unit, tag: str) -> dict:
+        run_dir = os.path.join(study_dir, "runs", u.run_id)
+        tcmd = train_cmd(args, u, run_dir) if u.variant.trains else None
+        res = run_unit(u.run_id, run_dir, tcmd, eval_cmd(args, u, run_dir),
+                       env if args.procs == 1 else env_multi, eval_name=u.eval_name,
+                       timeout_s=args.timeout, tag=tag)
+        results.append(res)
+        row = {"phase": u.phase, "variant": u.variant.name, "run_id": u.run_id, "lr": u.lr,
+               "seed": u.seed, "eval": u.eval_name}
+        ov = dict(o.split("=", 1) for o in u.variant.overrides)
+        row.update(E=int(ov.get("goat.num_experts", 0)) or None,
+                   top_k=int(ov.get("goat.top_k", 0)) or None,
+                   ep_size=int(ov.get("train.ep_size", 1)), init=ov.get("goat.init"))
+        row.update({"train_status": res.train.status, "train_attempts": res.train.attempts,
+                    "train_time_s": res.train.run_time_s or math.nan,
+                    "train_peak_rss_mb": res.train.peak_rss_mb_max,
+                    "eval_status": res.eval.status, "eval_time_s": res.eval.run_time_s or math.nan,
+                    "reason": res.train.reason or res.eval.reason})
+        if u.variant.trains and res.train.status in ("ok", "done"):
+            fig = train_figures(res.train_dir)
+            row.update({k: v for k, v in fig.items() if k != "loss_curve"})
+            if u.phase != "sweep" and u.variant.name not in curves:
+                curves[u.variant.name] = fig["loss_curve"]
+        metrics = eval_metrics(res.eval_dir, args.metric)
+        for t, (v, se) in sorted(metrics.items()):
+            row[t], row[f"{t}_stderr"] = v, se
+        row["avg"], row["avg_stderr"] = average(metrics)
+        return row
+
+    def flush() -> None:
+        write_csv(os.path.join(study_dir, "results.csv"), rows)
+        write_markdown(study_dir, rows, args, chosen)
+
+    chosen: dict[str, float] = {}
+    for i, u in enumerate(sweep, 1):
+        rows.append(execute(u, f"[sweep {i}/{len(sweep)}] {u.run_id}"))
+        flush()
+    for fam in {u.variant.name for u in sweep}:
+        done = [r for r in rows if r["phase"] == "sweep" and r["variant"] == fam
+                and not math.isnan(r["avg"])]
+        if len({r["lr"] for r in done}) == len(args.lrs or []):
+            chosen[fam] = max(done, key=lambda r: (r["avg"], -r["lr"]))["lr"]
+            log(f"learning rate of {fam}: {chosen[fam]:g} (validation {args.metric} "
+                f"{max(r['avg'] for r in done):.4f})")
+        else:
+            log(f"sweep of {fam} is incomplete: its family's final runs wait for a rerun")
+    _, final = plan(args, variants, chosen)
+    for i, u in enumerate(final, 1):
+        rows.append(execute(u, f"[final {i}/{len(final)}] {u.run_id}"))
+        flush()
+    flush()
+    plots = plot(study_dir, rows, curves, bool(args.expert_grid))
+    status = [r.train.status for r in results] + [r.eval.status for r in results]
+    failed = sum(s == "failed" for s in status)
+    stopped = sum(s == "stopped" for s in status)
+    print(json.dumps({"study_dir": study_dir, "units": len(rows),
+                      "finished": sum(r.ok for r in results), "failed": failed,
+                      "stopped": stopped, "learning_rates": chosen,
+                      "results_csv": os.path.join(study_dir, "results.csv"),
+                      "results_md": os.path.join(study_dir, "results.md"), "plots": plots}))
+    return 1 if failed or stopped or len(final) < sum(
+        len(args.seeds) if v.trains else 1 for v in variants) else 0
+
+
+def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, float]) -> None:
+    test_tasks = sorted({k for r in rows if r["eval"] == "test" for k in r
+                         if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
+    val_tasks = sorted({k for r in rows if r["eval"] == "val" for k in r
+                        if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
+    parts = [f"# Method comparison\n\nconfig `{args.config}`, DeepSpeed "
+             f"`{args.ds_config or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
+             f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
+             f"mean ± std over seeds; updated {time.strftime('%Y-%m-%d %H:%M')}.\n"]
+    table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric)
+    parts += ["## Test sets\n", table, ""]
+    notes = significance_notes(stats, "goat")
+    if notes:
+        parts += ["Differences from GOAT (significant when larger than twice the combined "
+                  "standard error of seed spread and test-set sampling):", *notes, ""]
+    if chosen:
+        parts += ["## Learning rates chosen on the validation split\n"]
+        parts += [f"- {k}: {v:g}" for k, v in sorted(chosen.items())] + [""]
+    sweep_rows = [r for r in rows if r["phase"] == "sweep"]
+    if sweep_rows:
+        parts += ["## Learning-rate sweep (validation)\n",
+                  "| method | lr | " + " | ".join(val_tasks) + " | avg | status |",
+                  "|" + "---|" * (len(val_tasks) + 4)]
+        for r in sweep_rows:
+            parts.append(f"| {r['variant']} | {r['lr']:g} | "
+                         + " | ".join(_f(100 * r[t], 3) if t in r else "" for t in val_tasks)
+                         + f" | {_f(100 * r['avg'], 4)} | {r['train_status']}/{r['eval_status']} |")
+        parts.append("")
+    unit_lines = ["## Every unit\n", "| unit | eval | train | eval | train min | tokens/s | "
+                  "peak RSS MiB | load CV | avg | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        unit_lines.append(
+            f"| {r['run_id']} | {r['eval']} | {r['train_status']} | {r['eval_status']} | "
+            f"{_f(r['train_time_s'] / 60, 3) if not math.isnan(r['train_time_s']) else ''} | "
+            f"{_f(r.get('tokens_per_s'))} | {_f(r['train_peak_rss_mb'])} | {_f(r.get('load_cv'))} | "
+            f"{_f(100 * r['avg'], 4) if not math.isnan(r['avg']) else ''} | "
+            f"{(r['reason'] or '')[:100].replace('|', '/')} |")
+    parts += unit_lines
+    tmp = os.path.join(study_dir, "results.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    os.replace(tmp, os.path.join(study_dir, "results.md"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""scripts/compare_methods.py end to end on a tiny Llama folder (one process, ZeRO-0): the plan
+(learning-rate sweep, families, seeds), and a study interrupted mid-training that a rerun
+resumes from its checkpoints while skipping what finished."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from tests.train_helpers import ROOT, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", os.path.join(ROOT, "scripts", "compare_methods.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclasses resolve string annotations through it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def cm(monkeypatch):
+    # as scripts/test.sh: CPU DeepSpeed, one thread, nothing downloaded
+    for k, v in {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    return load_script()
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder with its sentencepiece tokenizer."""
+    from goat_dist.train.config import load_run_config
+    from goat_dist.train.data import corpus_texts, load_splits
+    from goat_dist.train.modeling import build_preset
+    from goat_dist.train.tokenizer import train_sentencepiece_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tiny_hf")
+    folder = str(tmp / "tiny_llama_hf")
+    probe = load_run_config(tiny_config(str(tmp / "p.yaml"), str(tmp / "p")))
+    tok = train_sentencepiece_tokenizer(
+        corpus_texts(load_splits(probe.data, "causal_lm", 0).train, probe.data), 256, folder)
+    build_preset("tiny-llama", len(tok), seed=0, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    return folder
+
+
+def test_plan_sweeps_families_and_seeds(tmp_path, cm, capsys, tiny_folder):
+    """Dry run: lora and goat are swept; pissa borrows lora's rate and molora goat's; a method
+    whose family is not in the study is swept itself; every final method gets every seed."""
+    cfg = tiny_config(str(tmp_path / "run.yaml"), str(tmp_path / "unused"),
+                      model={"preset": None, "name_or_path": tiny_folder})
+    base = ["--config", cfg, "--ds-config", "none", "--lrs", "1e-3", "2e-3", "--seeds", "0", "1",
+            "--study-dir", str(tmp_path / "s"), "--dry-run"]
+    assert cm.main(base + ["--methods", "lora", "pissa", "goat", "molora", "base"]) == 0
+    out = last_json(capsys)
+    assert (out["sweep_units"], out["final_units"]) == (2 * 2, 4 * 2 + 1)
+    assert cm.main(base + ["--methods", "pissa"]) == 0
+    assert last_json(capsys)["sweep_units"] == 2     # pissa has no lora to borrow from
+    assert not os.path.exists(tmp_path / "s")        # a dry run writes nothing
+    # bad input: an unknown method, a key each unit sets itself
+    with pytest.raises(SystemExit) as e:
+        cm.main(base + ["--methods", "lorax"])
+    assert e.value.code == 2
+    assert cm.main(base[:-1] + ["--set", "optim.lr=1"]) == 2
+
+
+def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny_folder):
+    """First invocation: training ends at step 2 of 4 with a checkpoint (as a job hitting its
+    time limit), the base model is evaluated. Second: the run resumes at step 2, finishes, is
+    evaluated; the base evaluation is not redone. Third: nothing runs."""
+    cfg = tiny_config(str(tmp_path / "run.yaml"), str(tmp_path / "unused"),
+                      model={"preset": None, "name_or_path": tiny_folder},
+                      train={"max_steps": 4, "save_every": 2, "eval_every": 0})
+    d = str(tmp_path / "study")
+    argv = ["--config", cfg, "--ds-config", "none", "--procs", "1", "--methods", "lora", "base",
+            "--seeds", "0", "--test-tasks", "cs_std_boolq", "cs_std_arc_easy", "--limit", "4",
+            "--eval-dtype", "float32", "--eval-batch-size", "4", "--study-dir", d]
+    assert cm.main(argv + ["--stop-after-steps", "2"]) == 1
+    out = last_json(capsys)
+    assert (out["stopped"], out["failed"], out["finished"]) == (1, 0, 1)
+    run = os.path.join(d, "runs", "lora_lr0.005_s0")
+    summary = json.load(open(os.path.join(run, "train", "summary.json")))
+    assert summary["finished"] is False and summary["global_step"] == 2
+    assert not os.path.exists(os.path.join(run, "eval_test"))
+    base_eval = os.path.join(d, "runs", "base", "eval_test", "eval_results.json")
+    mtime = os.stat(base_eval).st_mtime_ns
+
+    assert cm.main(argv) == 0
+    out = last_json(capsys)
+    assert (out["stopped"], out["failed"], out["finished"]) == (0, 0, 2)
+    summary = json.load(open(os.path.join(run, "train", "summary.json")))
+    assert summary["finished"] is True and summary["global_step"] == 4
+    assert summary["resumed_from"] and summary["resumed_from"].rstrip("/").endswith("2")
+    assert os.stat(base_eval).st_mtime_ns == mtime
+    unit = json.load(open(os.path.join(run, "unit.json")))
+    assert unit["train"]["attempts"] == 2 and unit["eval"]["test"]["status"] == "ok"
+    results = os.path.join(run, "eval_test", "eval_results.json")
+    mtimes = (os.stat(results).st_mtime_ns, os.stat(base_eval).st_mtime_ns)
+
+    assert cm.main(argv) == 0                        # everything finished: nothing reruns
+    assert last_json(capsys)["finished"] == 2
+    assert (os.stat(results).st_mtime_ns, os.stat(base_eval).st_mtime_ns) == mtimes
+    with open(os.path.join(d, "results.md")) as f:
+        md = f.read()
+    assert "| lora | 0.005 | 1 |" in md and "| base |" in md
+    rows = open(os.path.join(d, "results.csv")).read()
+    assert "cs_std_boolq" in rows and "cs_std_arc_easy_stderr" in rows
+    for png in ("loss_curves.png", "accuracy.png"):
+        with open(os.path.join(d, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # other settings in the same folder are refused: rows would not be comparable
+    assert cm.main([a if a != "4" else "3" for a in argv]) == 2
