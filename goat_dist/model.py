@@ -30,6 +30,18 @@ PriorsFn = Callable[[str, nn.Linear, GoatConfig, float], GoatPriors]
 
 
 def default_priors(name: str, base: nn.Linear, cfg: GoatConfig, scale: float) -> GoatPriors:
+    """The layer's SVD priors, computed here.
+
+    A weight partitioned by ZeRO-3 (``zero.Init``, e.g. a model loaded after a Trainer's
+    ``TrainingArguments(deepspeed=<stage 3>)``) is gathered for the SVD and released again; every
+    rank then computes the same priors. This is a collective: all ranks adapt the same layers in
+    the same order (get_goat_model does). goat_dist's launcher uses the distributed initialiser
+    instead (each SVD once per job, owner-only gather, cache).
+    """
+    if hasattr(base.weight, "ds_id"):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([base.weight], modifier_rank=None):
+            return layer_priors(base.weight.detach().clone(), cfg, scale)
     return layer_priors(base.weight, cfg, scale)
 
 
@@ -175,6 +187,53 @@ class GoatModel(nn.Module):
     def save_adapter(self, path: str, **kwargs) -> None:
         from .adapter_io import save_adapter
         save_adapter(self, path, **kwargs)
+
+    # ------------------------------------------------------------- peft's names and semantics
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's name for save_adapter: writes the adapter folder only, never the base weights.
+
+        Defined here so that attribute fall-through does not reach the wrapped model's
+        ``save_pretrained`` (which would write the whole base model with GOAT modules in it).
+        """
+        self.save_adapter(save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, is_trainable: bool = False) -> "GoatModel":
+        """Load the adapter folder ``model_id`` onto ``model`` (the original base model), as
+        ``peft.PeftModel.from_pretrained(model, model_id)`` does.
+
+        Like peft, the result is for inference unless ``is_trainable=True``: every parameter is
+        frozen and the model is put in eval mode. With ``is_trainable=True`` the experts, routers
+        and ``modules_to_save`` train (what :func:`goat_dist.load_adapter` returns).
+
+        Raises:
+            goat_dist.AdapterLoadError: missing/corrupt files, or an adapter for another model.
+        """
+        from .adapter_io import load_adapter
+        goat = load_adapter(model, model_id)
+        if not is_trainable:
+            for p in goat.parameters():
+                p.requires_grad_(False)
+            goat.eval()
+        return goat
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, with its GOAT layers in place (peft's name)."""
+        return self.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as peft's method of the same name (ZeRO-3 aware)."""
+        return self.parameter_counts()
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: T || all params: A || trainable%: P``.
+
+        "all" counts the base model, the adapter and the frozen residual factors' parameters;
+        res_A/res_B are buffers (frozen), so they are not counted, as peft does not count buffers.
+        """
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def unload(self) -> nn.Module:
         """Remove every GOAT layer and return the original model (base weights were never touched)."""
