@@ -28,6 +28,10 @@
 #   section.key=value     run-config overrides, passed through to launch/train.py
 # Environment: DEEPSPEED, the deepspeed executable (default: .venv/bin/deepspeed of the
 # repository, else deepspeed on PATH).
+# Stopping early with a checkpoint: SIGTERM (or SIGUSR1) to the workers (pkill -TERM -f
+# launch/train.py on each host), or SIGTERM to deepspeed.launcher.launch on each host, which
+# passes it on and SIGKILLs its workers 30 s later. The ranks finish their step, checkpoint
+# and exit 75; rerun this command to continue (docs/CLUSTER.md, "Preemption ...").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -115,6 +115,7 @@ def test_bad_inputs_are_refused_without_damage(tmp_path, existing_run):
     cases.append((["--config", cfg, "--ds_config", _write(tmp_path / "ds3.json", "{oops")],
                   ("not valid JSON",)))
     cases.append((["--config", cfg, "goat.r=6"], ("not divisible",)))
+    cases.append((["--config", cfg, "optim.lr=.nan"], ("optim.lr=nan must be a finite number",)))
     for args, needles in cases:
         _assert_refused(_run_cli(args), *needles)
     assert _tree_digest(out) == before
@@ -124,15 +125,18 @@ def test_bad_data_is_refused_without_damage(tmp_path, existing_run):
     cfg, out, before = existing_run
     no_output = _write(tmp_path / "nofield.json", json.dumps([{"instruction": "x"}] * 20))
     empty = _write(tmp_path / "empty.json", "[]")
+    mistyped = _write(tmp_path / "mistyped.json", json.dumps(
+        [{"instruction": "x", "output": "y"}] * 20 + [{"instruction": 7, "output": "y"}]))
     fresh = str(tmp_path / "fresh")
     for path, needle in [(str(tmp_path / "nope.json"), "nope.json"), (no_output, "output"),
-                         (empty, "empty")]:
+                         (empty, "empty"), (mistyped, "record 20 has field 'instruction'")]:
         _assert_refused(_run_cli(["--config", cfg, f"data.train_file={path}",
                                   f"train.output_dir={fresh}"]), needle)
     # too few records to fill one global batch
     _assert_refused(_run_cli(["--config", cfg, f"train.output_dir={fresh}",
                               "data.max_train_samples=3"]), "global batch")
     assert _tree_digest(out) == before
+    assert not os.path.exists(fresh)                      # nothing written for the new run
 
 
 def test_checkpoint_from_another_config_is_refused(existing_run):

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.multiprocessing as mp
 import yaml
@@ -34,27 +34,98 @@ def load_launch_module():
     return mod
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], result_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, argv: list[str], result_dir: str,
+            hook: Optional[Callable[[int], None]] = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     import torch
     torch.set_num_threads(1)
+    if hook is not None:
+        hook(rank)      # a test's fault injection (NaN, signal, kill, sleep), in this rank
     rc = load_launch_module().main(argv)
     with open(os.path.join(result_dir, f"rc{rank}"), "w") as f:
         f.write(str(rc))
+    leave_process_group_and_exit(rc)     # the process exits with main()'s status, as launched
 
 
-def run_train(argv: list[str], world: int = 1, tmp_dir: Optional[str] = None) -> int:
-    """Run ``launch/train.py argv`` on ``world`` ranks; returns rank 0's exit status."""
+def leave_process_group_and_exit(status: int = 0) -> None:
+    """End a spawned rank: barrier, destroy the process group, flush, ``os._exit(status)``.
+
+    Why not a normal return: in a rank that ran ``deepspeed.zero.Init`` on a transformers model,
+    the world ProcessGroupGloo outlives ``destroy_process_group``: its threads (``gloo_tcp_loop``,
+    two ``pt_gloo_runloop``, and rank 0's TCPStore server ``pt_tcpstore_uv``) are still running
+    afterwards, and no Python reference is left to drop (DeepSpeed's own group caches are empty;
+    a plain gloo world, or zero.Init on an nn.Linear, leaves no thread). The interpreter's
+    teardown and the C++ static destructors then run beside live gloo threads, and a few percent
+    of such exits abort with "terminate called without an active exception" (SIGABRT, exit -6).
+    ``os._exit`` ends the process without that teardown, after everything is written and
+    flushed. See docs/CLUSTER.md ("Exit statuses") for the evidence.
+    """
+    import sys
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_train_ranks(argv: list[str], world: int = 1, tmp_dir: Optional[str] = None,
+                    hook: Optional[Callable[[int], None]] = None,
+                    timeout_s: float = 900) -> list[Optional[int]]:
+    """Run ``launch/train.py argv`` on ``world`` spawned ranks, as a launcher would: when a rank
+    dies (a signal, a crash: status 1, or a lost peer: status 4), the others are SIGKILLed, like
+    srun --kill-on-bad-exit or torchrun do. Statuses every rank reaches by itself (0, 2 bad
+    input, 3 diverged, 75 stopped) let the others finish on their own.
+
+    Args:
+        hook: a picklable ``hook(rank)`` run in each rank before the trainer (fault injection).
+        timeout_s: generous bound on the whole run (a safety net, not a timing assertion).
+
+    Returns:
+        Each rank's exit status: main()'s return value, or -signal / the process exit code for a
+        rank that did not return (killed, crashed).
+    """
     import tempfile
+    import time
     result_dir = tempfile.mkdtemp(dir=tmp_dir)
-    ctx = mp.start_processes(_worker, args=(world, free_port(), argv, result_dir), nprocs=world,
-                             start_method="spawn", join=False)
-    while not ctx.join(timeout=600):
-        pass
-    with open(os.path.join(result_dir, "rc0")) as f:
-        return int(f.read())
+    ctx = mp.start_processes(_worker, args=(world, free_port(), argv, result_dir, hook),
+                             nprocs=world, start_method="spawn", join=False)
+    procs = ctx.processes
+    deadline = time.monotonic() + timeout_s
+    while any(p.is_alive() for p in procs):
+        failed = [p for p in procs
+                  if p.exitcode is not None and (p.exitcode < 0 or p.exitcode in (1, 4))]
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        time.sleep(0.05)   # polls process state only; no test outcome depends on this timing
+    for p in procs:
+        p.join()
+    rcs: list[Optional[int]] = []
+    for rank, p in enumerate(procs):
+        rc_file = os.path.join(result_dir, f"rc{rank}")
+        if os.path.isfile(rc_file):
+            with open(rc_file) as f:
+                rcs.append(int(f.read()))
+            continue
+        rcs.append(p.exitcode)
+        err = ctx.error_files[rank]
+        if err and os.path.isfile(err) and os.path.getsize(err):   # the rank raised: show why
+            import pickle
+            import sys
+            with open(err, "rb") as f:
+                print(f"-- rank {rank} raised:\n{pickle.load(f)}", file=sys.stderr)
+    return rcs
+
+
+def run_train(argv: list[str], world: int = 1, tmp_dir: Optional[str] = None,
+              hook: Optional[Callable[[int], None]] = None) -> int:
+    """Run ``launch/train.py argv`` on ``world`` ranks; returns rank 0's exit status."""
+    return run_train_ranks(argv, world, tmp_dir, hook)[0]
 
 
 def tiny_config(path: str, output_dir: str, **sections: dict[str, Any]) -> str:
@@ -68,8 +139,11 @@ def tiny_config(path: str, output_dir: str, **sections: dict[str, Any]) -> str:
         "goat": {"r": 8, "lora_alpha": 16, "num_experts": 4, "top_k": 2, "lora_dropout": 0.0,
                  "target_modules": "all-linear"},
         "optim": {"lr": 5.0e-3, "warmup_steps": 1},
+        # bf16 pinned off: "auto" picks bf16 on CPUs with native bf16 (this one, maybe not CI's),
+        # and the tests compare runs within fp32 tolerances.
         "train": {"output_dir": output_dir, "micro_batch_size": 2,
-                  "gradient_accumulation_steps": 2, "max_steps": 5, "seed": 0, "log_every": 1},
+                  "gradient_accumulation_steps": 2, "max_steps": 5, "seed": 0, "log_every": 1,
+                  "bf16": False},
     }
     for sec, values in sections.items():
         cfg[sec].update(values)

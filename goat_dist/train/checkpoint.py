@@ -11,12 +11,24 @@ The pointer is replaced atomically (temp file + os.replace) only after every ran
 writing the new tag, so a process killed while writing leaves ``latest.json`` naming the previous,
 complete checkpoint. The data position needs no state of its own: the micro-batch plan is a pure
 function of (seed, global step) (see data.StepPlan).
+
+An error while writing (disk full, permission denied) raises CheckpointWriteError naming the path;
+the pointer still names the previous checkpoint, and the next successful save deletes the partial
+folder.
+
+Loading and trust: goat_dist's own files load without executing code: run_config.json and the
+pointer are JSON, ``rng_rank<r>.pt`` and ``experts_rank<r>.pt`` go through
+``torch.load(weights_only=True)``. DeepSpeed's own files (``mp_rank_*_model_states.pt``,
+``*_optim_states.pt``) are loaded by ``engine.load_checkpoint``, which unpickles them in full:
+resume only from checkpoint folders you (or your job) wrote. Adapters (adapter_io.py) are
+safetensors only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import Any, Optional
@@ -30,6 +42,11 @@ from ..model import GoatModel
 from .config import ConfigError, RunConfig
 
 POINTER = "latest.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permission denied, ...); the previous checkpoint
+    stays current. The message names the path and the fix."""
 
 # Fields that must agree between a checkpoint and the run resuming it: they change the model's
 # shapes or the data order, so a resume under a different value would not continue the same run.
@@ -65,20 +82,41 @@ def _atomic_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+def rng_state(cuda_devices: Optional[list[int]] = None) -> dict[str, Any]:
+    """This process's RNG states, made of tensors, ints, strings and tuples only, so the file
+    loads with ``torch.load(weights_only=True)``.
+
+    Args:
+        cuda_devices: CUDA devices whose generators are saved. None: this rank's current device
+            when CUDA is available (not every visible GPU: ``get_rng_state_all`` would create a
+            CUDA context, ~0.5 GB, on each of the node's GPUs from every rank); [] for none.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_devices is None:
+        cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    if cuda_devices:
+        state["cuda_devices"] = [int(d) for d in cuda_devices]
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in cuda_devices]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what ``rng_state`` saved (also the older format: numpy tuple, all-device list)."""
+    random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        devices = state.get("cuda_devices", range(len(state["cuda"])))
+        for d, s in zip(devices, state["cuda"]):
+            torch.cuda.set_rng_state(s, d)
 
 
 def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
@@ -94,21 +132,40 @@ def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
     root = checkpoint_dir(run.train.output_dir)
     tag = f"step_{global_step:08d}"
     path = os.path.join(root, tag)
-    os.makedirs(root, exist_ok=True)
-    engine.save_checkpoint(root, tag=tag, client_state={"global_step": global_step},
-                           save_latest=False, exclude_frozen_parameters=True)
     rank = _rank()
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
-    if expert_state is not None:
-        torch.save(expert_state, os.path.join(path, f"experts_rank{rank}.pt"))
+    try:
+        os.makedirs(root, exist_ok=True)
+        engine.save_checkpoint(root, tag=tag, client_state={"global_step": global_step},
+                               save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
+        if expert_state is not None:
+            torch.save(expert_state, os.path.join(path, f"experts_rank{rank}.pt"))
+    except OSError as e:
+        raise _write_error(e, path, root) from None
     _barrier()                                   # every rank's files are complete
     if rank == 0:
-        _atomic_json(os.path.join(path, "run_config.json"),
-                     {"run": run.to_dict(), "world_size": world_size, "global_step": global_step})
-        _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
+        try:
+            _atomic_json(os.path.join(path, "run_config.json"),
+                         {"run": run.to_dict(), "world_size": world_size, "global_step": global_step})
+            _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
+        except OSError as e:
+            raise _write_error(e, path, root) from None
         _prune(root, keep=run.train.keep_checkpoints, current=tag)
     _barrier()
     return path
+
+
+def _write_error(e: OSError, path: str, root: str) -> CheckpointWriteError:
+    """The message for a failed checkpoint write: what failed where, what is still current."""
+    try:
+        with open(os.path.join(root, POINTER)) as f:
+            previous = f"the previous checkpoint {os.path.join(root, json.load(f)['tag'])} stays current"
+    except (OSError, ValueError, KeyError):
+        previous = "there is no earlier checkpoint"
+    where = e.filename or path
+    return CheckpointWriteError(
+        f"could not write checkpoint {path} ({e.strerror or e} at {where}); {previous}. Free "
+        f"disk space or fix the permissions of {root}, then rerun the same command to resume")
 
 
 def _prune(root: str, keep: int, current: str) -> None:
@@ -176,10 +233,21 @@ def load_checkpoint(engine, path: str) -> tuple[int, Optional[dict]]:
         raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
     rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_tensors_only(rng_file))
     expert_file = os.path.join(path, f"experts_rank{_rank()}.pt")
-    expert_state = torch.load(expert_file, weights_only=False) if os.path.isfile(expert_file) else None
+    expert_state = _load_tensors_only(expert_file) if os.path.isfile(expert_file) else None
     return int(client["global_step"]), expert_state
+
+
+def _load_tensors_only(file: str):
+    """torch.load restricted to tensors and plain containers: a tampered file cannot run code."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{file} cannot be loaded as tensors only ({first}); it is damaged or "
+                          f"was not written by this goat_dist. Resume from another checkpoint "
+                          f"(train.resume=<folder>) or start a fresh run") from None
 
 
 def adapter_parameters(goat: GoatModel) -> list[torch.nn.Parameter]:
