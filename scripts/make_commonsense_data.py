@@ -1,26 +1,28 @@
 #!/usr/bin/env python
-"""Build data/commonsense/{train,eval}.json: a small mixed commonsense set for the SmolLM2 demo.
+"""Build the committed data of data/commonsense and data/eval from the shared data folder.
 
-The GOAT paper fine-tunes on the 8-task commonsense mixture (Commonsense170K). Only some of those
-tasks have training splits in the shared data folder, so this builds a seeded slice of them:
+Writes (each file a pure function of the inputs and the flags; a PROVENANCE.md with sources,
+licenses, counts and SHA-256 next to them):
 
-* train: BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA **train** files (default 4000 records);
-* eval:  the same four tasks' **test** files plus the PIQA, Social IQa and WinoGrande test files
-  (default 400 records), so the eval also measures transfer to three unseen tasks.
+* ``data/eval/<source>/test.json``: every test set the evaluation tasks use
+  (goat_dist/eval/tasks.py), copied unchanged (``instruction``, ``input``, ``output``,
+  ``answer``): BoolQ, PIQA, Social IQa, WinoGrande, ARC-Easy, ARC-Challenge, OpenBookQA, GSM8K,
+  AddSub, SVAMP.
+* ``data/commonsense/train.json``: the training mixture: the BoolQ, ARC-Easy, ARC-Challenge and
+  OpenBookQA **train** files (the commonsense tasks with a training split here), LLM-Adapters
+  instruction form plus a ``source`` field, shuffled.
+* ``data/commonsense/train_std.json``: the same records in the standard form: ``instruction`` is
+  the harness prompt (``Question: ...\\nAnswer:``), ``output`` a space plus the gold choice text,
+  ``choices`` the choice texts. Train it with ``data.prompt_template: "{instruction}"``.
+* ``data/commonsense/validation.json`` / ``validation_std.json``: a balanced split carved from the
+  training files (none of it in train.json), for model selection. Test sets are for final numbers.
 
-Records keep the Alpaca/LLM-Adapters format (instruction, input, output, answer) that our trainer
-reads with ``data.format: instruction``, plus a ``source`` field naming the task. Each split takes
-as equal a share from every source as the source allows (BoolQ alone would otherwise be 9.4k of
-17.7k training records), then the split is shuffled. Records longer than ``--max-chars``
-characters are left out so that nothing is truncated at ``data.max_length: 256``: with SmolLM2's
-tokenizer and the Alpaca prompt, 700 characters keeps every record under 256 tokens (only a few
-long PIQA/ARC records are dropped). Eval records whose instruction also occurs in the training
-files are dropped, so no question is both trained and scored.
+Training/validation records whose instruction also occurs in a test file are left out (no
+question is both trained and scored), and so are records longer than ``--max-chars``
+(instruction + output), so nothing is truncated at ``data.max_length: 256`` with SmolLM2's
+tokenizer. Nothing at run time reads the shared folder.
 
-The output is a pure function of the inputs and the flags (fixed seed), and PROVENANCE.md is
-regenerated next to it (it is tracked in git; the JSON files are not).
-
-    python scripts/make_commonsense_data.py            # reads ../shared/data, writes data/commonsense
+    python scripts/make_commonsense_data.py     # reads ../shared/data, writes data/commonsense + data/eval
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from goat_dist.eval.records import standard_training_record  # noqa: E402
 
 TRAIN_SOURCES = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 EVAL_SOURCES = TRAIN_SOURCES + ["piqa", "social_i_qa", "winogrande"]
+MATH_SOURCES = ["gsm8k", "AddSub", "SVAMP"]
 # From the shared data README (/work/shared/data/README.md): original dataset and its license.
 LICENSES = {
     "boolq": ("BoolQ (Clark et al., 2019)", "CC BY-SA 3.0"),
@@ -48,6 +53,9 @@ LICENSES = {
     "piqa": ("PIQA (Bisk et al., 2020)", "AFL 3.0"),
     "social_i_qa": ("Social IQa (Sap et al., 2019)", "CC BY 4.0"),
     "winogrande": ("WinoGrande (Sakaguchi et al., 2020)", "CC BY"),
+    "gsm8k": ("GSM8K (Cobbe et al., 2021)", "MIT"),
+    "AddSub": ("AddSub (Hosseini et al., 2014)", "MIT"),
+    "SVAMP": ("SVAMP (Patel et al., 2021)", "MIT"),
 }
 FIELDS = ("instruction", "input", "output", "answer")
 
@@ -59,7 +67,7 @@ def load_split(shared: Path, source: str, split: str) -> list[Record]:
     path = shared / source / f"{split}.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing; point --shared-data at the shared data folder "
-                         f"(it holds {', '.join(EVAL_SOURCES)})")
+                         f"(it holds {', '.join(EVAL_SOURCES + MATH_SOURCES)})")
     with open(path) as f:
         records = json.load(f)
     for i, r in enumerate(records):
@@ -110,114 +118,121 @@ def write_json_atomic(path: Path, obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def provenance(args: argparse.Namespace, splits: dict[str, list[Record]],
-               dropped: dict[str, int], hashes: dict[str, str]) -> str:
-    """The PROVENANCE.md text: sources, licenses, per-source counts, flags and checksums."""
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+LICENSE_NOTE = [
+    "Each dataset keeps its own license (above); redistributing a slice requires keeping this",
+    "attribution. CC BY-SA sets (BoolQ, ARC) must be shared under the same license.",
+]
+
+
+def commonsense_provenance(args, splits: dict[str, list[Record]], dropped: dict[str, int],
+                           hashes: dict[str, str]) -> str:
     def count(split: str, source: str) -> int:
         return sum(r["source"] == source for r in splits[split])
 
     lines = [
-        "# data/commonsense: provenance",
-        "",
-        "Generated by `scripts/make_commonsense_data.py` (the JSON files are not committed; rerun",
-        "the script to rebuild them byte for byte):",
-        "",
-        "```",
-        f"python scripts/make_commonsense_data.py --train-size {args.train_size} "
-        f"--eval-size {args.eval_size} --seed {args.seed} --max-chars {args.max_chars}",
-        "```",
-        "",
-        "Input: the shared data folder (`../shared/data` next to the repository), public",
-        "commonsense datasets in the Alpaca-style instruction format of the LLM-Adapters project",
-        "(the files the GOAT paper's code uses). Records are copied unchanged (`instruction`,",
-        "`input`, `output`, `answer`) plus a `source` field.",
-        "",
-        "| source | dataset | license | train records (from train.json) | eval records (from test.json) |",
-        "|---|---|---|---|---|",
+        "# data/commonsense: provenance", "",
+        "Generated by `scripts/make_commonsense_data.py` and committed (rerun it to rebuild the",
+        "files byte for byte; nothing at run time reads the shared folder):", "",
+        "```", f"python scripts/make_commonsense_data.py --validation-size {args.validation_size} "
+               f"--seed {args.seed} --max-chars {args.max_chars}", "```", "",
+        "Input: the shared data folder (`../shared/data`), public commonsense datasets in the",
+        "Alpaca-style instruction format of the LLM-Adapters project (the files the GOAT paper's",
+        "code uses). `train.json`/`validation.json` copy records unchanged (`instruction`, `input`,",
+        "`output`, `answer`) plus `source`; `*_std.json` hold the same records in the standard form",
+        "(`Question: ...\\nAnswer:` + the choice text, see goat_dist/eval/records.py).", "",
+        "| source | dataset | license | train | validation |", "|---|---|---|---|---|",
     ]
-    for s in EVAL_SOURCES:
+    for s in TRAIN_SOURCES:
         name, lic = LICENSES[s]
-        tr = str(count("train", s)) if s in TRAIN_SOURCES else "-"
-        lines.append(f"| {s} | {name} | {lic} | {tr} | {count('eval', s)} |")
-    lines += [
-        f"| **total** | | | **{len(splits['train'])}** | **{len(splits['eval'])}** |",
-        "",
-        f"Filtering before sampling: {dropped['long']} records longer than {args.max_chars} characters "
-        f"(instruction + output) and {dropped['overlap']} test records whose instruction also occurs in",
-        "a training file were left out. PIQA, Social IQa and WinoGrande have no training split here:",
-        "they measure transfer to unseen tasks.",
-        "",
-        "Each dataset keeps its own license (above); redistributing a slice requires keeping this",
-        "attribution. CC BY-SA slices (BoolQ, ARC) must be shared under the same license.",
-        "",
-        "SHA-256:",
-        "",
-    ]
-    lines += [f"- `{name}`: `{digest}`" for name, digest in hashes.items()]
+        lines.append(f"| {s} | {name} | {lic} | {count('train', s)} | {count('validation', s)} |")
+    lines += [f"| **total** | | | **{len(splits['train'])}** | **{len(splits['validation'])}** |", "",
+              f"Left out before splitting: {dropped['long']} records longer than {args.max_chars} "
+              f"characters (instruction + output) and {dropped['overlap']} records whose instruction",
+              "also occurs in a test file. PIQA, Social IQa and WinoGrande have no training split",
+              "here: their test sets measure transfer to unseen tasks.", ""] + LICENSE_NOTE
+    lines += ["", "SHA-256:", ""] + [f"- `{n}`: `{d}`" for n, d in hashes.items()]
     return "\n".join(lines) + "\n"
+
+
+def eval_provenance(counts: dict[str, int], hashes: dict[str, str]) -> str:
+    lines = [
+        "# data/eval: provenance", "",
+        "The test sets of the evaluation tasks (goat_dist/eval/tasks.py), copied unchanged from the",
+        "shared data folder (`../shared/data/<source>/test.json`, LLM-Adapters instruction format)",
+        "by `scripts/make_commonsense_data.py`. Used only for final numbers; model selection uses",
+        "data/commonsense/validation.json.", "",
+        "| source | dataset | license | test records | SHA-256 |", "|---|---|---|---|---|",
+    ]
+    for s in EVAL_SOURCES + MATH_SOURCES:
+        name, lic = LICENSES[s]
+        lines.append(f"| {s} | {name} | {lic} | {counts[s]} | `{hashes[s]}` |")
+    return "\n".join(lines + [""] + LICENSE_NOTE) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"),
                    help="folder with the shared datasets (default: ../shared/data from the repo)")
-    p.add_argument("--out", default=str(REPO / "data" / "commonsense"), help="output folder")
-    p.add_argument("--train-size", type=int, default=4000, help="training records")
-    p.add_argument("--eval-size", type=int, default=400, help="evaluation records")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", default=str(REPO / "data"), help="output folder (gets commonsense/ and eval/)")
+    p.add_argument("--validation-size", type=int, default=400,
+                   help="validation records carved from the training files (balanced over sources)")
+    p.add_argument("--seed", type=int, default=0, help="split/shuffle seed")
     p.add_argument("--max-chars", type=int, default=700,
-                   help="leave out records whose instruction + output is longer (0 = keep all)")
+                   help="leave out train/validation records whose instruction + output is longer (0 = keep all)")
     args = p.parse_args(argv)
-    if args.train_size < 1 or args.eval_size < 1:
-        raise SystemExit("error: --train-size and --eval-size must be >= 1")
-
+    if args.validation_size < 1:
+        raise SystemExit("error: --validation-size must be >= 1")
     shared, out = Path(args.shared_data), Path(args.out)
     if not shared.is_dir():
         raise SystemExit(f"error: --shared-data {str(shared)!r} is not a folder")
 
-    def short(r: Record) -> bool:
-        return args.max_chars <= 0 or len(r["instruction"]) + len(r["output"]) <= args.max_chars
-
+    tests = {s: load_split(shared, s, "test") for s in EVAL_SOURCES + MATH_SOURCES}
+    in_test = {r["instruction"] for s in EVAL_SOURCES for r in tests[s]}
     dropped = {"long": 0, "overlap": 0}
-    train_pools: dict[str, list[Record]] = {}
-    seen: set[str] = set()
+    pools: dict[str, list[Record]] = {}
     for s in TRAIN_SOURCES:
         records = load_split(shared, s, "train")
-        seen.update(r["instruction"] for r in records)  # all of them, not just the kept ones
-        train_pools[s] = [r for r in records if short(r)]
-        dropped["long"] += len(records) - len(train_pools[s])
-    eval_pools: dict[str, list[Record]] = {}
-    for s in EVAL_SOURCES:
-        records = load_split(shared, s, "test")
-        fresh = [r for r in records if r["instruction"] not in seen]
+        fresh = [r for r in records if r["instruction"] not in in_test]
         dropped["overlap"] += len(records) - len(fresh)
-        eval_pools[s] = [r for r in fresh if short(r)]
-        dropped["long"] += len(fresh) - len(eval_pools[s])
+        pools[s] = [r for r in fresh
+                    if args.max_chars <= 0 or len(r["instruction"]) + len(r["output"]) <= args.max_chars]
+        dropped["long"] += len(fresh) - len(pools[s])
 
-    # Separate generators: changing --eval-size must not change the training set.
-    splits = {"train": sample(train_pools, args.train_size, random.Random(args.seed)),
-              "eval": sample(eval_pools, args.eval_size, random.Random(args.seed + 1))}
-    for name, want in (("train", args.train_size), ("eval", args.eval_size)):
-        if len(splits[name]) < want:
-            print(f"warning: only {len(splits[name])} {name} records available (asked {want})",
-                  file=sys.stderr)
+    rng = random.Random(args.seed)
+    validation = sample(pools, args.validation_size, rng)
+    taken = {id(r) for r in validation}
+    train = [r for s in TRAIN_SOURCES for r in pools[s] if id(r) not in taken]
+    rng.shuffle(train)
+    splits = {"train": train, "validation": validation}
 
-    out.mkdir(parents=True, exist_ok=True)
-    hashes = {f"{name}.json": write_json_atomic(out / f"{name}.json", recs)
-              for name, recs in splits.items()}
-    text = provenance(args, splits, dropped, hashes)
-    fd, tmp = tempfile.mkstemp(prefix=".PROVENANCE.md.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "PROVENANCE.md")
-
+    cs, ev = out / "commonsense", out / "eval"
+    cs.mkdir(parents=True, exist_ok=True)
+    hashes = {}
     for name, recs in splits.items():
-        mix = ", ".join(f"{s} {sum(r['source'] == s for r in recs)}" for s in EVAL_SOURCES
-                        if any(r["source"] == s for r in recs))
-        print(f"{out / (name + '.json')}: {len(recs)} records ({mix})")
-    print(f"dropped {dropped['long']} over-long and {dropped['overlap']} train-overlapping records; "
-          f"wrote {out / 'PROVENANCE.md'}")
+        hashes[f"{name}.json"] = write_json_atomic(cs / f"{name}.json", recs)
+        std = [standard_training_record(r, r["source"]) for r in recs]
+        hashes[f"{name}_std.json"] = write_json_atomic(cs / f"{name}_std.json", std)
+    write_text_atomic(cs / "PROVENANCE.md", commonsense_provenance(args, splits, dropped, hashes))
+    test_hashes = {}
+    for s, recs in tests.items():
+        (ev / s).mkdir(parents=True, exist_ok=True)
+        test_hashes[s] = write_json_atomic(ev / s / "test.json",
+                                           [{k: r[k] for k in FIELDS} for r in recs])
+    write_text_atomic(ev / "PROVENANCE.md", eval_provenance({s: len(r) for s, r in tests.items()},
+                                                            test_hashes))
+    for name, recs in splits.items():
+        mix = ", ".join(f"{s} {sum(r['source'] == s for r in recs)}" for s in TRAIN_SOURCES)
+        print(f"{cs / (name + '.json')} (+ _std): {len(recs)} records ({mix})")
+    print(f"{ev}: {', '.join(f'{s} {len(r)}' for s, r in tests.items())}")
+    print(f"left out {dropped['long']} over-long and {dropped['overlap']} test-overlapping records")
 
 
 if __name__ == "__main__":
