@@ -1,4 +1,6 @@
-"""Answer parsing, option scoring (log-likelihood of each option) and greedy generation."""
+"""Answer parsing (LLM-Adapters format) and the trainer's accuracy (goat_dist/train/evaluate.py),
+which runs goat_dist's lm-eval tasks; option scoring itself is checked against a brute-force
+reference in tests/test_lm_eval_tasks.py."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from goat_dist.eval.answers import (
+    answer_options,
+    candidate_response,
+    extract_answer,
+    is_correct,
+)
 from goat_dist.train.config import DataConfig
-from goat_dist.train.data import IGNORE_INDEX, collate, corpus_texts, format_prompt, tokenize_instruction
-from goat_dist.train.evaluate import (answer_options, extract_answer, generate_answers, is_correct,
-                                      option_scoring_batches, pick_options, score_candidates,
-                                      sequence_logprobs)
+from goat_dist.train.data import corpus_texts, format_prompt
+from goat_dist.train.evaluate import accuracy
 from goat_dist.train.tokenizer import train_sentencepiece_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,92 +116,45 @@ def test_numeric_answers():
     assert not is_correct(None, "1") and not is_correct("true", "false")
 
 
-# -------------------------------------------------------------------------------- option scoring
+# ----------------------------------------------------------------------- the trainer's accuracy
 
-def test_candidates_follow_the_training_format(tok):
-    records = demo("eval.json")[:12] + [GSM]
-    cands = option_scoring_batches(records, tok, "alpaca", 256)
-    assert {c["record_index"] for c in cands} == set(range(12))  # GSM has no options
-    for ri, rec in enumerate(records[:12]):
-        mine = [c for c in cands if c["record_index"] == ri]
-        opts = answer_options(rec)
-        assert [c["option"] for c in mine] == opts and [c["option_index"] for c in mine] == list(range(len(opts)))
-        prompt = tok(format_prompt(rec, "alpaca"))["input_ids"]
-        for c in mine:
-            n = len(prompt)
-            assert c["input_ids"][:n] == prompt and c["labels"][:n] == [IGNORE_INDEX] * n
-            assert c["labels"][n:] == c["input_ids"][n:] and c["input_ids"][-1] == tok.eos_token_id
-            assert tok.decode(c["input_ids"][n:-1]) == f"the correct answer is {c['option']}"
-        # the gold candidate is exactly the training example of the record
-        ids, labels, _, _, _ = tokenize_instruction([rec], tok, "alpaca", 256)
-        gold = mine[opts.index(rec["answer"])]
-        assert gold["input_ids"] == ids[0] and gold["labels"] == labels[0]
+def test_candidates_replace_the_gold_option():
+    rec = demo("eval.json")[0]
+    opts = answer_options(rec)
+    assert [candidate_response(rec, opts, o) for o in opts] == [f"the correct answer is {o}" for o in opts]
+    assert candidate_response({"output": "", "answer": "true"}, ["true", "false"], "false") == \
+        "the correct answer is false"
 
 
-def test_candidates_keep_response_when_too_long(tok):
-    rec = dict(SIQA, instruction="context " * 200 + SIQA["instruction"])
-    cands = option_scoring_batches([rec], tok, "alpaca", 64)
-    assert len(cands) == 3
-    for c in cands:
-        assert len(c["input_ids"]) == 64 and c["input_ids"][0] == tok.bos_token_id
-        resp = [t for t in c["labels"] if t != IGNORE_INDEX]
-        assert tok.decode(resp[:-1]) == f"the correct answer is {c['option']}"
-
-
-def test_sequence_logprobs_matches_manual_and_hf_loss(tok, model):
-    cands = option_scoring_batches(demo("eval.json")[:3], tok, "alpaca", 256)
-    batch = collate(cands[:5], tok.pad_token_id)
+def _loglik(model, tok, context, continuation):
+    ctx, whole = tok(context)["input_ids"], tok(context + continuation)["input_ids"]
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    got = sequence_logprobs(logits, batch["labels"])
-    assert got.shape == (5,)
-    for b in range(5):
-        manual = 0.0
-        for s in range(1, batch["labels"].shape[1]):
-            t = int(batch["labels"][b, s])
-            if t != IGNORE_INDEX:
-                manual += float(F.log_softmax(logits[b, s - 1].double(), -1)[t])
-        assert got[b].item() == pytest.approx(manual, abs=1e-4)
-    # and equals -(HF mean loss) * (number of scored tokens) for one unpadded sequence
-    one = collate(cands[:1], tok.pad_token_id)
-    with torch.no_grad():
-        loss = model(**one).loss
-    n = int((one["labels"][:, 1:] != IGNORE_INDEX).sum())
-    assert got[0].item() == pytest.approx(-loss.item() * n, rel=1e-5)
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
 
-def test_pick_options_chooses_highest_loglik(tok, model):
-    records = demo("eval.json")[:6] + [GSM] + demo("eval.json")[6:8]
-    cands = option_scoring_batches(records, tok, "alpaca", 256)
-    scores = score_candidates(model, cands, tok.pad_token_id, batch_size=4, device="cpu")
-    single = score_candidates(model, cands, tok.pad_token_id, batch_size=1, device="cpu")
-    assert scores == pytest.approx(single, abs=1e-3)          # right padding does not change scores
-    picks = pick_options(cands, scores)
-    assert len(picks) == len(records) and picks[6] == -1      # GSM had no candidates
-    for ri in range(len(records)):
-        mine = [(s, c["option_index"]) for c, s in zip(cands, scores) if c["record_index"] == ri]
-        if mine:
-            assert picks[ri] == max(mine, key=lambda x: (x[0], -x[1]))[1]
-    # synthetic: ties go to the first option, record 1 without candidates
-    cs = [{"record_index": 0, "option_index": i} for i in range(3)] + \
-         [{"record_index": 2, "option_index": i} for i in range(2)]
-    assert pick_options(cs, [-3.0, -1.0, -1.0, -0.5, -0.2]) == [1, -1, 1]
-    with pytest.raises(ValueError):
-        pick_options(cs, [0.0])
+def test_trainer_accuracy_options_matches_brute_force(tok, model):
+    records = demo("eval.json")[:6] + [GSM]                   # GSM has no options: not counted
+    got = accuracy(model, tok, records, "options", "alpaca", 512, 16, batch_size=4)
+    assert got["eval/accuracy_n"] == 6
+    correct = 0
+    for r in records[:6]:
+        opts = answer_options(r)
+        prompt = format_prompt(r, "alpaca").rstrip("\n")      # lm-eval moves trailing space right
+        lls = [_loglik(model, tok, prompt, "\n" + candidate_response(r, opts, o) + tok.eos_token)
+               for o in opts]
+        correct += opts[max(range(len(lls)), key=lambda i: (lls[i], -i))] == r["answer"]
+    assert got["eval/accuracy"] == pytest.approx(correct / 6)
 
 
-# ------------------------------------------------------------------------------------ generation
-
-def test_generate_answers_left_padding(tok, model):
+def test_trainer_accuracy_generate_matches_greedy_decoding(tok, model):
     records = [demo("eval.json")[0], GSM, WINO]
-    side = tok.padding_side
-    batched = generate_answers(model, tok, records, "alpaca", max_new_tokens=6, device="cpu",
-                               batch_size=3)
-    alone = [generate_answers(model, tok, [r], "alpaca", max_new_tokens=6, device="cpu",
-                              batch_size=1)[0] for r in records]
-    assert len(batched) == 3 and all(isinstance(s, str) for s in batched)
-    assert batched == alone                                    # left padding is invisible
-    assert tok.padding_side == side                             # the tokenizer is untouched
-    cut = generate_answers(model, tok, records[:1], "alpaca", max_new_tokens=2, device="cpu",
-                           batch_size=1, max_prompt_length=16)
-    assert len(cut) == 1
+    got = accuracy(model, tok, records, "generate", "alpaca", 512, 5, batch_size=2)
+    correct = 0
+    for r in records:
+        ids = tok(format_prompt(r, "alpaca"), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += is_correct(extract_answer(text, answer_options(r)), r["answer"])
+    assert got == {"eval/accuracy": pytest.approx(correct / 3), "eval/accuracy_n": 3.0}
+    assert accuracy(model, tok, [GSM], "options", "alpaca", 512, 5, batch_size=2) == {}
