@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..train.resilience import EXIT_OK, EXIT_STOPPED
 from .process import error_summary, log, run_point
 from .readback import is_finished, read_json
 
@@ -110,7 +111,7 @@ def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: s
         rec.status, rec.reason, rec.stderr_tail = "ok", "", ""
         return
     summary = read_json(os.path.join(out_dir, "summary.json")) or {}
-    if m["returncode"] == 0 and summary.get("finished") is False:
+    if m["returncode"] in (EXIT_OK, EXIT_STOPPED) and summary.get("finished") is False:
         rec.status, rec.reason = "stopped", f"stopped at step {summary.get('global_step')}"
         return
     rec.status = "failed"
