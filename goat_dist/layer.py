@@ -111,7 +111,9 @@ class GoatLinear(nn.Module):
         self.context = context if context is not None else RoutingContext()
         # Statistics of the last training forward (tensors, never synced to host here).
         self.last_aux_loss: Optional[torch.Tensor] = None
-        self.expert_counts = torch.zeros(E)   # accumulated selections, reset by the logger
+        # Accumulated selections, reset by the logger; on the adapter's device (a plain attribute,
+        # not a buffer, so it stays out of state dicts; _record_stats follows the input's device).
+        self.expert_counts = torch.zeros(E, device=device)
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

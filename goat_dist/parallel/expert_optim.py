@@ -59,10 +59,13 @@ class ExpertOptimizer:
             offset += n
 
     def squared_norm(self) -> torch.Tensor:
-        """Sum of squared expert gradients over every expert once (reduced over the EP group)."""
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.params:
-            sq += p.grad.double().pow(2).sum().cpu()
+        """Sum of squared expert gradients over every expert once (reduced over the EP group).
+
+        Returns:
+            () float64 on the gradients' device: no host sync here (the caller syncs once per
+            step), and the all-reduce runs on a device tensor, which NCCL requires.
+        """
+        sq = _sum_of_squares(p.grad for p in self.params)
         if self.groups.ep_size > 1:
             dist.all_reduce(sq, group=self.groups.ep_group)
         return sq
@@ -95,12 +98,18 @@ def engine_gradients(params: Iterable[torch.nn.Parameter]) -> list:
     return [safe_get_full_grad(p) for p in params]
 
 
+def _sum_of_squares(grads: Iterable) -> torch.Tensor:
+    """() float64 sum of squares of the non-None tensors, on their device (CPU when empty)."""
+    parts = [g.double().pow(2).sum() for g in grads if g is not None]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    dev = parts[0].device
+    return torch.stack([p.to(dev) for p in parts]).sum()
+
+
 def squared_norm(grads: Iterable) -> torch.Tensor:
-    sq = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if g is not None:
-            sq += g.double().pow(2).sum().cpu()
-    return sq
+    """() float64 sum of squared gradients (None entries skipped), on the gradients' device."""
+    return _sum_of_squares(grads)
 
 
 def scale_engine_gradients(params: Iterable[torch.nn.Parameter], grads: list, coef: float) -> None:

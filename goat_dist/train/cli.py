@@ -6,7 +6,10 @@
     python launch/train.py                       (the embedded demo: configs/demo.yaml, one process)
 
 Overrides follow the options as section.key=value (values parsed as YAML).
-Exit status: 0 on success, 2 on bad input (config, data, checkpoint), 1 on other errors.
+Exit status (docs/CLUSTER.md): 0 finished (or stopped at train.stop_after_steps), 1 unexpected
+error, 2 bad input (config, data, checkpoint; nothing written), 3 diverged (train.max_skipped_steps
+non-finite steps in a row), 4 a collective timed out / a peer was lost (train.dist_timeout_s),
+75 stopped by SIGTERM/SIGUSR1 after a checkpoint (rerun the same command to continue).
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from goat_dist.train.data import DataError
     from goat_dist.train.ds_config import read_ds_config
     from goat_dist.train.loop import Trainer, shutdown
+    from goat_dist.train import resilience as rs
+    from goat_dist.train.checkpoint import CheckpointWriteError
     from goat_dist.train.tokenizer import TokenizerError
 
     overrides = list(args.overrides)
@@ -123,21 +128,41 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ROOT)  # the demo's paths are relative to the repository
     bad_input = (ConfigError, GoatConfigError, DataError, TokenizerError, AdapterLoadError)
     rank = int(os.environ["RANK"])
+    clean = False   # whether every rank reached the same end, so a closing barrier is safe
     try:
         run = load_run_config(config_path, overrides)
         ds = read_ds_config(args.ds_config)
         summary = Trainer(run, ds).run()
+        clean = True
     except bad_input as e:
+        clean = True    # every rank validates the same input and fails alike
         if rank == 0:
             print(f"goat_dist: error: {e}", file=sys.stderr)
-        return 2
+        return rs.EXIT_BAD_INPUT
+    except rs.DivergedError as e:
+        clean = True    # every rank counts the same agreed skips
+        if rank == 0:
+            print(f"goat_dist: error: {e}", file=sys.stderr)
+        return rs.EXIT_DIVERGED
+    except rs.CollectiveTimeout as e:
+        print(f"goat_dist: error: {e}", file=sys.stderr, flush=True)   # every rank: says who waited
+        return rs.EXIT_COLLECTIVE_TIMEOUT
+    except CheckpointWriteError as e:
+        print(f"goat_dist: error: rank {rank}: {e}", file=sys.stderr, flush=True)
+        return rs.EXIT_ERROR
     finally:
-        shutdown()
+        shutdown(barrier=clean)
     if rank == 0:
         m = summary["final_metrics"]
         print(f"goat_dist: {'finished' if summary['finished'] else 'stopped'} at step "
               f"{summary['global_step']}/{summary['total_steps']}; "
               + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
               + f"; outputs in {run.train.output_dir}")
-    return 0
+    if summary.get("stopped_by"):
+        if rank == 0:
+            print(f"goat_dist: stopped by {summary['stopped_by']} after the checkpoint of step "
+                  f"{summary['global_step']}; rerun the same command to continue "
+                  f"(exit status {rs.EXIT_STOPPED})", file=sys.stderr)
+        return rs.EXIT_STOPPED
+    return rs.EXIT_OK
 

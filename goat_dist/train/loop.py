@@ -30,20 +30,41 @@ from .config import ConfigError, RunConfig
 from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
 from .ds_config import resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
+from ..parallel.comm import all_reduce_, dist_backend
 from ..parallel.dispatch import ExpertParallelDispatcher
 from ..parallel.expert_optim import (ExpertOptimizer, clip_coefficient, engine_gradients,
                                      scale_engine_gradients, squared_norm)
 from ..parallel.groups import create_expert_parallel_groups
 from .monitor import Monitor, Throughput
+from .resilience import (DivergedError, GracefulStop, agree, collective_op, grad_norm,
+                         nonfinite, skip_update)
 from .tokenizer import check_tokenizer_fits, load_tokenizer, train_sentencepiece_tokenizer
 from . import evaluate as ev
 
 
-def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world)."""
+# The expert-load heatmap (and its load_cv/max_load scalars) is written every this many scalar
+# logs and at the end, not at every one: drawing it costs ~0.2 s (matplotlib) on rank 0 while the
+# other ranks wait, which made log_every=1 runs several times slower than transformers.Trainer
+# (docs/BENCHMARKS.md, "Trainer vs transformers.Trainer + peft"). The selection counts keep
+# accumulating in between, so each heatmap covers every token since the previous one. A step
+# count, not a clock: every rank must take the same decision (expert_load() is a collective).
+EXPERT_LOAD_EVERY_LOGS = 10
+
+
+def init_distributed(timeout_s: float = 600) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL + gloo on CUDA: see
+    parallel/comm.py); returns (rank, world).
+
+    ``timeout_s`` (train.dist_timeout_s) bounds every collective of the default group: a rank
+    waiting longer for a peer raises instead of hanging the job."""
     import deepspeed
+    if torch.cuda.is_available():
+        # Bind this rank's GPU before any collective: DeepSpeed binds it only in initialize(),
+        # and host-side counts all-reduced earlier (SVD init) would all go to cuda:0 under NCCL.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=dist_backend(),
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -54,9 +75,8 @@ def set_seed(seed: int) -> None:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
+    """Sum over ranks in place; host tensors go through the backend's device (NCCL: CUDA)."""
+    return all_reduce_(t)
 
 
 def _prepare_output_dir(run: RunConfig) -> Optional[str]:
@@ -97,7 +117,12 @@ def _build_tokenizer(run: RunConfig, rank: int, splits: RecordSplits):
 
 
 def _move(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch on ``device``. To CUDA the copies go from pinned memory and do not block the
+    host, so collating the next micro-batch overlaps the transfer."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -135,7 +160,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, ds_config: dict[str, Any]) -> None:
         self.run_cfg = run
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(run.train.dist_timeout_s)
         self.task = run.model.task
         self.ds_raw = ds_config
 
@@ -150,6 +175,13 @@ class Trainer:
             check_resumable(self.resume_from, run, self.world)
         set_seed(t.seed)
         splits = load_splits(run.data, self.task, t.seed)      # bad data fails before any write
+        self.skipped_bad_records = splits.skipped_bad_records
+        # too few records for one global batch: refuse before the tokenizer is written
+        StepPlan(len(splits.train), t.micro_batch_size, t.gradient_accumulation_steps,
+                 self.world, self.rank, t.seed)
+        if splits.skipped_bad_records and self.rank == 0:
+            print(f"goat_dist: warning: skipped {splits.skipped_bad_records} bad record(s) "
+                  f"(data.skip_bad_records=true)", flush=True)
         self.tokenizer = _build_tokenizer(run, self.rank, splits)
         self.data = prepare_data(run.data, self.tokenizer, self.task, t.seed, splits=splits)
         self.plan = StepPlan(len(self.data.train), t.micro_batch_size,
@@ -233,37 +265,70 @@ class Trainer:
         return [collate([self.data.train[i] for i in idxs], pad)
                 for idxs in self.plan.micro_batches(epoch, s)]
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step (GA micro-steps). Returns global loss / aux / token figures."""
+    def train_step(self, step: int, stop: Optional[GracefulStop] = None) -> dict[str, float]:
+        """One optimizer step (GA micro-steps). Returns global loss / aux / token figures, and
+        ``skipped`` (the non-finite guard skipped the update) and ``stop`` (some rank got a stop
+        signal; every rank sees the same value).
+
+        The guard: a non-finite loss on any rank (agreed by one all-reduce before the boundary
+        micro-step's backward, together with the stop flag) or a non-finite reduced gradient
+        (the same on every rank) closes the boundary with ``resilience.skip_update`` instead of
+        an optimizer step, on every rank.
+        """
         t = self.run_cfg.train
         batches = self._step_batches(step)
         counts = torch.tensor([float(sum(count_targets(b["labels"], self.task) for b in batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in batches))])
-        _all_reduce(counts)
+        with collective_op("all-reduce of the step's token counts", step + 1):
+            _all_reduce(counts)
         n_targets = max(counts[0].item(), 1.0)
         norm = self.world * t.gradient_accumulation_steps / n_targets
-        stats = torch.zeros(2)
-        gn = None
+        stats = torch.zeros(2, device=self.device)   # loss sum, aux: summed on the device, no
+        gn = None                                       # host sync per micro-step
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        skip = stop_now = False
         for i, b in enumerate(batches):
+            last = i == len(batches) - 1
             b = _move(b, self.device)
             out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             lsum = loss_sum(out.logits, b["labels"], self.task)
             aux = self.engine.module.aux_loss().to(lsum.device)
-            self.engine.backward(lsum * norm + aux)
-            if self.expert_opt is not None and i == len(batches) - 1:
+            loss = lsum * norm + aux
+            bad = bad | nonfinite(lsum, aux)
+            if last:
+                skip, stop_now = agree(bad, stop is not None and stop.requested, step + 1)
+                if skip:
+                    # Make every rank's gradients non-finite, so DeepSpeed's ZeRO/bf16 optimizers
+                    # take their own overflow path (no update) on all ranks alike, even a rank
+                    # whose loss was finite.
+                    loss = loss * float("nan")
+            self.engine.backward(loss)
+            if self.expert_opt is not None and last:
                 gn = self._reduce_and_clip_expert_parallel()
-            self.engine.step()
-            stats += torch.stack([lsum.detach().float().cpu(), aux.detach().float().cpu()])
+                skip = skip or not math.isfinite(gn)   # the same joint norm on every rank
+            elif last and not skip and zero_stage(self.ds) == 0:
+                # DeepSpeed's ZeRO-0 with a torch optimizer neither checks nor reports the norm
+                gn = grad_norm(self.goat.trainable_parameters())   # reduced: same on every rank
+                skip = not math.isfinite(gn)
+            if last and skip:
+                skip_update(self.engine)
+            else:
+                self.engine.step()
+            stats += torch.stack([lsum.detach().float(), aux.detach().float()])
         if self.expert_opt is not None:
-            self.expert_opt.step()
-        _all_reduce(stats)
-        if gn is None:
+            if skip:
+                self.expert_opt.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.expert_opt.step()
+        with collective_op("all-reduce of the step's loss statistics", step + 1):
+            loss_total, aux_total = _all_reduce(stats).tolist()   # the step's last host sync
+        if gn is None and not skip:
             gn = self.engine.get_global_grad_norm()
-        return {"loss": stats[0].item() / n_targets,
-                "aux_loss": stats[1].item() / (self.world * t.gradient_accumulation_steps),
+        return {"loss": loss_total / n_targets,
+                "aux_loss": aux_total / (self.world * t.gradient_accumulation_steps),
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.run_cfg.optim.lr,
-                "grad_norm": float(gn) if gn is not None else float("nan"),
-                "tokens": counts[1].item()}
+                "grad_norm": float(gn) if gn is not None and not skip else float("nan"),
+                "tokens": counts[1].item(), "skipped": skip, "stop": stop_now}
 
     def _reduce_and_clip_expert_parallel(self) -> float:
         """At the accumulation boundary: reduce expert gradients, clip everything jointly."""
@@ -323,51 +388,14 @@ class Trainer:
         return metrics
 
     def _eval_accuracy(self) -> dict[str, float]:
+        """Accuracy on the eval records through goat_dist's lm-eval tasks (train/evaluate.py)."""
         d = self.run_cfg.data
-        records = self.data.eval_records
-        if d.eval_mode == "options":
-            cands = ev.option_scoring_batches(records, self.tokenizer, d.prompt_template, d.max_length)
-            if not cands:
-                return {}
-            b = self.run_cfg.train.micro_batch_size
-            chunks = [list(range(i, min(i + b, len(cands)))) for i in range(0, len(cands), b)]
-            scores = torch.zeros(len(cands), dtype=torch.float64)
-            pad = self.tokenizer.pad_token_id
-            for idxs in self._sharded(chunks):
-                real = idxs is not None
-                batch = _move(collate([cands[i] for i in (idxs if real else chunks[0])], pad),
-                              self.device)
-                out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                if real:
-                    scores[idxs] = ev.sequence_logprobs(out.logits.float(), batch["labels"]).double().cpu()
-            _all_reduce(scores)
-            picks = ev.pick_options(cands, scores.tolist())
-            correct = total = 0
-            for rec_idx, opt in enumerate(picks):
-                rec = records[rec_idx]
-                options = ev.answer_options(rec)
-                if options is None or opt is None or opt < 0:
-                    continue
-                total += 1
-                correct += int(ev.is_correct(options[opt], rec.get("answer")))
-            return {"eval/accuracy": correct / max(total, 1), "eval/accuracy_n": float(total)}
-        # generate mode: greedy generation + answer extraction
-        bsz = self.run_cfg.train.micro_batch_size
-        groups = [records[i:i + bsz] for i in range(0, len(records), bsz)]
-        acc = torch.zeros(2)
-        for grp in self._sharded(groups):
-            real = grp is not None
-            texts = ev.generate_answers(self.engine.module, self.tokenizer, grp if real else groups[0],
-                                        d.prompt_template, d.eval_max_new_tokens, self.device,
-                                        batch_size=bsz, synced_gpus=self.zero3 and self.world > 1)
-            if not real:
-                continue
-            for rec, text in zip(grp, texts):
-                pred = ev.extract_answer(text, ev.answer_options(rec))
-                acc[0] += int(ev.is_correct(pred, rec.get("answer")))
-                acc[1] += 1
-        _all_reduce(acc)
-        return {"eval/accuracy": (acc[0] / acc[1].clamp(min=1)).item(), "eval/accuracy_n": acc[1].item()}
+        return ev.accuracy(self.engine.module, self.tokenizer, self.data.eval_records,
+                           mode=d.eval_mode, template=d.prompt_template, max_length=d.max_length,
+                           max_new_tokens=d.eval_max_new_tokens,
+                           batch_size=self.run_cfg.train.micro_batch_size,
+                           # ZeRO-3 gathers and EP all-to-alls make every forward a collective
+                           lockstep=(self.zero3 or self.run_cfg.train.ep_size > 1) and self.world > 1)
 
     # ------------------------------------------------------------------ the run
     def expert_load(self) -> dict[str, torch.Tensor]:
@@ -380,65 +408,148 @@ class Trainer:
         return dict(zip(names, stacked))
 
     def run(self) -> dict[str, Any]:
+        """Set up, train, evaluate, export; returns the summary (also written to summary.json).
+
+        Ends early, with ``summary["stopped_by"]`` set, when a rank got SIGTERM/SIGUSR1 (after
+        a checkpoint at the step every rank agreed on). Raises DivergedError after
+        ``train.max_skipped_steps`` consecutive non-finite steps (summary.json written first,
+        no new checkpoint), CollectiveTimeout when a peer stops answering.
+        """
+        stop = GracefulStop()   # before setup: a signal during loading stops at the first step
+        try:
+            return self._run(stop)
+        finally:
+            stop.restore()
+
+    def _run(self, stop: GracefulStop) -> dict[str, Any]:
         self.setup()
         run, t = self.run_cfg, self.run_cfg.train
         end = self.total_steps if not t.stop_after_steps else min(self.total_steps, t.stop_after_steps)
         monitor = Monitor(os.path.join(t.output_dir, "tensorboard"), enabled=self.rank == 0,
                           total_steps=self.total_steps, initial_step=self.start_step)
-        thr = Throughput()
-        history: list[dict] = []
-        metrics: dict[str, float] = {}
-        t0 = time.time()
-        for step in range(self.start_step, end):
-            res = self.train_step(step)
-            thr.update(int(res["tokens"]))
-            done = step + 1
-            history.append({"step": done, "loss": res["loss"], "aux_loss": res["aux_loss"],
-                            "grad_norm": res["grad_norm"], "lr": res["lr"]})
-            if done % t.log_every == 0 or done == end:
-                monitor.log_scalars(done, {"train/loss": res["loss"], "train/aux_loss": res["aux_loss"],
-                                           "train/lr": res["lr"], "train/grad_norm": res["grad_norm"],
-                                           "train/tokens_per_s": thr.rate()})
-                monitor.log_expert_load(done, self.expert_load())
-                thr.reset()
-            if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
-                metrics = self.evaluate()
-                monitor.log_scalars(done, metrics)
-            if (t.save_every and done % t.save_every == 0) or done == end:
-                save_checkpoint(self.engine, run, done, self.world,
-                                None if self.expert_opt is None else self.expert_opt.state_dict())
-            monitor.advance(1)
-        final_step = max(end, self.start_step)
-        finished = final_step >= self.total_steps
-        if finished:
-            metrics = self.evaluate()
-            monitor.log_scalars(final_step, metrics)
-            export_adapter(self.engine.module, os.path.join(t.output_dir, "adapter"))
-        elapsed = time.time() - t0
-        trainable, total = self.engine.module.parameter_counts()
-        summary = {
-            "finished": finished, "global_step": final_step, "total_steps": self.total_steps,
-            "resumed_from": self.resume_from, "world_size": self.world,
-            "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
-            "ep_size": run.train.ep_size, "svd_init": self.svd_init,
-            "base_loaded_partitioned": self.loaded_partitioned,
-            "trainable_params": trainable, "total_params": total,
-            "train_examples": len(self.data.train),
-            "eval_examples": 0 if self.data.eval is None else len(self.data.eval),
-            "truncated_train": self.data.num_truncated_train,
-            "truncated_eval": self.data.num_truncated_eval,
-            "final_metrics": metrics, "history": history,
-            "wall_time_s": elapsed,
-            "steps_per_s": (final_step - self.start_step) / elapsed if elapsed > 0 else None,
-            "config": run.to_dict(), "ds_config": self.ds,
-        }
-        if self.rank == 0:
-            monitor.write_summary(os.path.join(t.output_dir, "summary.json"), summary)
-        monitor.close()
+        try:   # the progress bar and event file are closed on every way out
+            thr = Throughput()
+            history: list[dict] = []
+            metrics: dict[str, float] = {}
+            t0 = time.time()
+            skipped_total = consecutive = 0
+            stopped_by: Optional[str] = None
+            diverged = False
+            final_step = max(end, self.start_step)
+            last_saved = self.start_step if self.resume_from is not None else None
+            for step in range(self.start_step, end):
+                with collective_op("a training step (forward, backward, gradient reduction)",
+                                   step + 1):
+                    res = self.train_step(step, stop)
+                thr.update(int(res["tokens"]))
+                done = step + 1
+                if res["skipped"]:
+                    skipped_total += 1
+                    consecutive += 1
+                else:
+                    consecutive = 0
+                history.append({"step": done, "loss": res["loss"], "aux_loss": res["aux_loss"],
+                                "grad_norm": res["grad_norm"], "lr": res["lr"],
+                                "skipped": res["skipped"]})
+                if res["skipped"] and self.rank == 0:
+                    print(f"goat_dist: warning: step {done}: non-finite loss or gradient norm "
+                          f"(loss={res['loss']}); update skipped on every rank ({consecutive} in a "
+                          f"row, {skipped_total} in this run; limit train.max_skipped_steps="
+                          f"{t.max_skipped_steps})", flush=True)
+                if done % t.log_every == 0 or done == end or res["skipped"]:
+                    monitor.log_scalars(done, {
+                        "train/loss": res["loss"], "train/aux_loss": res["aux_loss"],
+                        "train/lr": res["lr"], "train/grad_norm": res["grad_norm"],
+                        "train/tokens_per_s": thr.rate(), "train/skipped_steps": skipped_total})
+                    if done % (EXPERT_LOAD_EVERY_LOGS * t.log_every) == 0 or done == end:
+                        monitor.log_expert_load(done, self.expert_load())
+                    thr.reset()
+                if consecutive >= t.max_skipped_steps:
+                    # every rank counts the same agreed skips, so all stop here together; no
+                    # checkpoint: the last one on disk is the last good state
+                    diverged, final_step = True, done
+                    break
+                if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
+                    with collective_op("evaluation", done):
+                        metrics = self.evaluate()
+                    monitor.log_scalars(done, metrics)
+                # No periodic checkpoint inside a run of skipped steps: a rerun then resumes from
+                # before them. A stop (signal, end) saves anyway: the parameters are unchanged.
+                if (t.save_every and done % t.save_every == 0 and consecutive == 0) or done == end \
+                        or res["stop"]:
+                    self._save(done)
+                    last_saved = done
+                monitor.advance(1)
+                if res["stop"]:
+                    stopped_by, final_step = stop.signal_name or "a signal on another rank", done
+                    break
+            finished = not diverged and stopped_by is None and final_step >= self.total_steps
+            if finished:
+                with collective_op("final evaluation", final_step):
+                    metrics = self.evaluate()
+                monitor.log_scalars(final_step, metrics)
+                with collective_op("adapter export", final_step):
+                    export_adapter(self.engine.module, os.path.join(t.output_dir, "adapter"))
+            elapsed = time.time() - t0
+            trainable, total = self.engine.module.parameter_counts()
+            summary = {
+                "finished": finished, "global_step": final_step, "total_steps": self.total_steps,
+                "resumed_from": self.resume_from, "world_size": self.world,
+                "stopped_by": stopped_by, "diverged": diverged, "last_checkpoint_step": last_saved,
+                "skipped_steps": skipped_total,
+                "skipped_bad_records": getattr(self, "skipped_bad_records", 0),
+                "zero_stage": zero_stage(self.ds), "bf16": bool(self.ds["bf16"]["enabled"]),
+                "ep_size": run.train.ep_size, "svd_init": self.svd_init,
+                "base_loaded_partitioned": self.loaded_partitioned,
+                "trainable_params": trainable, "total_params": total,
+                "train_examples": len(self.data.train),
+                "eval_examples": 0 if self.data.eval is None else len(self.data.eval),
+                "truncated_train": self.data.num_truncated_train,
+                "truncated_eval": self.data.num_truncated_eval,
+                "final_metrics": metrics, "history": history,
+                "wall_time_s": elapsed,
+                "steps_per_s": (final_step - self.start_step) / elapsed if elapsed > 0 else None,
+                "config": run.to_dict(), "ds_config": self.ds,
+            }
+            if self.rank == 0:
+                monitor.write_summary(os.path.join(t.output_dir, "summary.json"), summary)
+        finally:
+            monitor.close()
+        if diverged:
+            where = (f"the last checkpoint (step {last_saved}) is current and holds the state "
+                     f"before these steps" if last_saved is not None else "no checkpoint was written")
+            raise DivergedError(
+                f"training diverged: {consecutive} consecutive steps (up to step {final_step}) "
+                f"had a non-finite loss or gradient norm and were skipped "
+                f"(train.max_skipped_steps={t.max_skipped_steps}); {where}. Lower optim.lr, "
+                f"keep optim.max_grad_norm > 0, check the data, or raise train.max_skipped_steps")
         return summary
 
+    def _save(self, done: int) -> None:
+        with collective_op("checkpoint save", done):
+            save_checkpoint(self.engine, self.run_cfg, done, self.world,
+                            None if self.expert_opt is None else self.expert_opt.state_dict())
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group (every rank, also on errors: a rank that exits with the group
+    still alive can abort at interpreter exit, see docs/CLUSTER.md "Exit statuses").
+
+    Args:
+        barrier: wait for the other ranks first (the normal end, and errors every rank raises
+            alike, such as bad input). False after a lost peer or a timeout, where a barrier
+            would only wait for ``train.dist_timeout_s`` again.
+    """
+    if not dist.is_initialized():
+        return
+    if barrier:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass   # a peer is gone; leaving is all that is left to do
+    import deepspeed.comm as ds_comm
+    if getattr(ds_comm, "cdb", None) is not None:
+        # also drops DeepSpeed's cached groups (expert-parallel, world clone), which would
+        # otherwise keep their gloo threads running into interpreter exit
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
