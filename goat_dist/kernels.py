@@ -30,16 +30,28 @@ _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs forward and backward here (probed once per device/dtype)."""
+    """Whether torch._grouped_mm runs forward and backward here (probed once per device/dtype).
+
+    On CUDA the fast kernel wants bf16 on sm90+ (other dtypes/archs take torch's own fallback or
+    fail, hence the probe); offsets are int32 on the device; every operand's row stride must be a
+    multiple of 16 bytes (grouped_matmul pads). The probe runs with autograd forced on: a first
+    call under ``torch.no_grad()``/``inference_mode`` (eval, generate) must not cache "unsupported"
+    for the training steps that follow (it did, silently switching them to the padded bmm), and
+    it draws no random numbers.
+    """
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
             try:
-                x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
-                w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-                torch._grouped_mm(x, w, offs=offs).backward(torch.ones(32, 16, device=device, dtype=dtype))
+                with torch.inference_mode(False), torch.enable_grad():
+                    # Constant operands: drawing them would advance the RNG at a point that
+                    # differs between a resumed and an uninterrupted run (dropout masks).
+                    x = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
+                    w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                    offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+                    torch._grouped_mm(x, w, offs=offs).backward(
+                        torch.ones(32, 16, device=device, dtype=dtype))
             except Exception:  # unsupported dtype / arch: fall back to padded bmm
                 ok = False
         _GROUPED_MM_OK[key] = ok

@@ -16,6 +16,9 @@ from goat_dist.svd import layer_priors
 from tests.helpers_core import f64_copy, layer_cfg, make_layer, rel_err
 from tests.oracle import reference_forward, reference_w_res
 
+# Device-aware: `pytest --device cuda` (scripts/gpu_check.sh) runs every test here on the GPU.
+pytestmark = pytest.mark.device_aware
+
 N_IN, N_OUT, R = 48, 40, 16          # q = 40: E=8 -> chunk 5 >= r_e 2
 EK = [(E, k) for E in (1, 2, 4, 8) for k in sorted({1, 2, E}) if k <= E]
 SCALINGS = ["lora", "rslora", "goat", 2.5]
@@ -329,7 +332,7 @@ def test_bf16_residual_correction_is_kept_where_inplace_bf16_loses_it():
     is ~0.2% of a weight entry (below half a bf16 ulp) but, for inputs in the span of the chosen
     right singular vectors, 1/(E rho) = 5% of the output (several output ulps)."""
     n, E, r = 256, 4, 4
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     Q1, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
     Q2, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
     S = torch.ones(n, dtype=torch.float64)
