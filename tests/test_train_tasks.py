@@ -42,7 +42,7 @@ def _cls_config(path, out, csv_path, preset="tiny-bert", **train):
            "goat": {"r": 8, "lora_alpha": 16, "num_experts": 4, "top_k": 2, "lora_dropout": 0.0},
            "optim": {"lr": 5.0e-3, "warmup_steps": 1},
            "train": {"output_dir": out, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-                     "max_steps": 4, "seed": 0, "log_every": 1, **train}}
+                     "max_steps": 4, "seed": 0, "log_every": 1, "bf16": False, **train}}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)
