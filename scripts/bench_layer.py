@@ -302,6 +302,11 @@ def build(args):
     }
     if args.prototype:
         variants["goat_fused"] = FusedDenseGoat(goat["dense"]).train()
+    if args.adapter_dtype == "same":
+        # As DeepSpeed's bf16 mode runs a model: adapters (routers, experts, LoRA) in bf16 too,
+        # so on CUDA the grouped path runs torch._grouped_mm in bf16. The loop stays fp32.
+        for mod in (goat["dense"], goat["grouped"], lora):
+            mod.to(dtype)
     return device, dtype, variants, auto, x, g
 
 
@@ -353,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=32, help="total rank r (GOAT: r/E per expert)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--adapter-dtype", choices=("float32", "same"), default="float32",
+                   help="adapters in fp32 (as GoatLinear keeps them on a bf16 base; default) or in "
+                        "--dtype (as under DeepSpeed bf16, where the whole model is cast)")
     p.add_argument("--iters", type=int, default=20, help="timed round-robin rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--seed", type=int, default=0)
@@ -483,7 +491,7 @@ def main(argv=None) -> int:
                   **{f"{k}_rel_err": v["out"] for k, v in check.items() if isinstance(v, dict)}},
         "config": {"n": args.n, "m": args.m, "tokens": args.tokens, "experts": args.experts,
                    "top_k": args.top_k, "rank": args.rank, "dtype": args.dtype,
-                   "device": args.device, "hardware": hw, "threads": torch.get_num_threads(),
+                   "adapter_dtype": args.adapter_dtype, "device": args.device, "hardware": hw, "threads": torch.get_num_threads(),
                    "iters": args.iters, "warmup": args.warmup, "seed": args.seed, "bias": args.bias,
                    "loop_expert0_shape": args.loop_expert0_shape, "torch": torch.__version__,
                    "cpu_pressure_avg10": [psi_start, psi_end]},
