@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -58,19 +61,32 @@ class DataConfig:
     """Training / evaluation data, local files read through ``datasets``.
 
     Attributes:
-        train_file: JSON, JSONL, CSV or Parquet file (by extension).
-        eval_file: held-out file; if None, ``eval_fraction`` of the training records are held out.
+        train_file: JSON, JSONL, CSV or Parquet file (by extension), a folder written by
+            ``datasets``' ``save_to_disk``, or a Hugging Face hub dataset id (``owner/name``,
+            optionally ``owner/name:split``; needs network access, split ``train`` by default).
+        eval_file: held-out file (same forms); if None, ``eval_fraction`` of the training records
+            are held out.
         eval_fraction: share of training records held out when there is no eval_file.
         format: ``instruction`` (Alpaca records: instruction, input, output, optional answer;
-            the loss covers the response only) or ``classification`` (text + label).
+            the loss covers the response only), ``chat`` (``messages`` with role/content, ShareGPT
+            ``conversations`` with from/value, or Alpaca records, rendered by the tokenizer's chat
+            template; the loss covers the assistant turns only; see goat_dist/train/chat.py) or
+            ``classification`` (text + label).
         prompt_template: ``alpaca`` or a string with ``{instruction}`` and ``{input}`` fields.
+        chat_template: ``chat`` format: a Jinja chat-template file (or an inline Jinja string)
+            used instead of the tokenizer's own; required when the tokenizer has none.
         text_field, text_pair_field, label_field: columns of classification records.
         max_length: maximum tokens per example; longer ones are truncated (and counted).
         max_train_samples, max_eval_samples: cap the number of records (0 = all).
-        eval_mode: how accuracy is computed for records with an ``answer``: ``options`` (score
+        eval_mode: how accuracy is computed for records with an ``answer``, through the same
+            lm-eval tasks as launch/evaluate.py (goat_dist/train/evaluate.py): ``options`` (score
             each answer option's log-likelihood; exact, no generation) or ``generate`` (greedy
-            generation + answer extraction).
+            generation + answer extraction). The eval records are the subset scored.
         eval_max_new_tokens: generation budget of ``generate`` mode.
+        skip_bad_records: a record whose field has the wrong type (a number as ``instruction``,
+            a list as ``output``, null where a value is needed) is an error naming the file,
+            the record and the field (false, the default), or is skipped and counted (true;
+            the count is in summary.json as ``skipped_bad_records``).
     """
 
     train_file: Optional[str] = None
@@ -78,6 +94,7 @@ class DataConfig:
     eval_fraction: float = 0.1
     format: str = "instruction"
     prompt_template: str = "alpaca"
+    chat_template: Optional[str] = None
     text_field: str = "text"
     text_pair_field: Optional[str] = None
     label_field: str = "label"
@@ -86,6 +103,7 @@ class DataConfig:
     max_eval_samples: int = 0
     eval_mode: str = "options"
     eval_max_new_tokens: int = 16
+    skip_bad_records: bool = False
 
 
 @dataclass
@@ -122,7 +140,8 @@ class TrainConfig:
         num_epochs: epochs, used when max_steps is 0.
         max_steps: optimizer steps (0 = num_epochs worth).
         seed: everything random (init, sampler order, dropout) derives from it.
-        bf16: ``auto`` (on when the accelerator supports bf16 and it is not a CPU), true, false.
+        bf16: ``auto`` (on where bf16 is native: CUDA devices with bf16, CPUs with AVX512-BF16
+            or AMX-BF16; off elsewhere), true, false. Tests that compare runs in fp32 pin false.
         eval_every: optimizer steps between evaluations (0 = only at the end).
         eval_batches: cap on eval micro-batches per evaluation (0 = the whole eval set).
         log_every: optimizer steps between TensorBoard scalar writes.
@@ -138,6 +157,14 @@ class TrainConfig:
         svd_cache_dir: where SVD priors are cached, keyed by weight content and config, so a
             rerun or resume skips the SVDs: ``auto`` (<output_dir>/svd_cache), ``none``, or a
             folder to share between runs of the same base model.
+        max_skipped_steps: a step whose loss or gradient norm is non-finite (NaN/Inf) on any rank
+            is skipped on every rank (no parameter, optimizer or scheduler update); after this
+            many consecutive skips the run stops with exit status 3 (diverged), leaving the last
+            checkpoint current.
+        dist_timeout_s: bound, in seconds, on every collective (torch.distributed's process-group
+            timeout). A rank that stops answering ends the job after about this long with a
+            message naming the operation, instead of hanging until a far longer default. Keep it
+            above the slowest legitimate gap between collectives (model loading, a checkpoint).
     """
 
     output_dir: str = "outputs/run"
@@ -157,6 +184,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     stop_after_steps: int = 0
     svd_cache_dir: str = "auto"
+    max_skipped_steps: int = 10
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -171,7 +200,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        m, d, t, o = self.model, self.data, self.train, self.optim
+        m, d, t = self.model, self.data, self.train
+        _check_ranges(self)
         if (m.name_or_path is None) == (m.preset is None):
             raise ConfigError("model: give exactly one of model.name_or_path (a local HF folder) "
                               "or model.preset (tiny-llama, tiny-bert, tiny-roberta)")
@@ -186,25 +216,16 @@ class RunConfig:
             raise ConfigError(f"model.dtype={m.dtype!r}: choose float32 or bfloat16")
         if d.train_file is None:
             raise ConfigError("data.train_file is required (a local .json/.jsonl/.csv/.parquet file)")
-        if d.format not in ("instruction", "classification"):
-            raise ConfigError(f"data.format={d.format!r}: choose instruction or classification")
+        if d.format not in ("instruction", "chat", "classification"):
+            raise ConfigError(f"data.format={d.format!r}: choose instruction, chat or classification")
         if (d.format == "classification") != (m.task == "seq_cls"):
             raise ConfigError(f"data.format={d.format!r} does not fit model.task={m.task!r}: "
-                              f"instruction data trains causal_lm, classification data trains seq_cls")
+                              f"instruction and chat data train causal_lm, classification data "
+                              f"trains seq_cls")
         if d.eval_mode not in ("options", "generate"):
             raise ConfigError(f"data.eval_mode={d.eval_mode!r}: choose options or generate")
-        if not 0.0 <= d.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
-        for name in ("micro_batch_size", "gradient_accumulation_steps", "log_every", "ep_size"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        if d.max_length < 8:
-            raise ConfigError(f"data.max_length={d.max_length} is too small (>= 8)")
-        if t.max_steps < 0 or t.num_epochs <= 0 and t.max_steps == 0:
-            raise ConfigError("train.max_steps must be >= 0 and train.num_epochs > 0 when max_steps is 0")
-        if o.lr <= 0 or o.max_grad_norm < 0 or o.warmup_steps < 0 or not 0 <= o.warmup_ratio < 1:
-            raise ConfigError("optim: lr must be > 0, max_grad_norm >= 0, warmup_steps >= 0 and "
-                              "0 <= warmup_ratio < 1")
+        if t.max_steps == 0 and t.num_epochs <= 0:
+            raise ConfigError("train.num_epochs must be > 0 when train.max_steps is 0")
         if self.goat.num_experts % t.ep_size:
             raise ConfigError(f"train.ep_size={t.ep_size} does not divide goat.num_experts="
                               f"{self.goat.num_experts}; choose an ep_size that divides it")
@@ -213,21 +234,156 @@ class RunConfig:
         return self
 
 
+# Allowed ranges of the numeric fields: (low, high, low inclusive, high inclusive); None = open.
+# Every numeric value must also be finite (checked for all numeric fields, listed here or not).
+_RANGES: dict[str, tuple] = {
+    "model.num_labels": (0, None, True, None),
+    "model.vocab_size": (16, None, True, None),
+    "data.eval_fraction": (0.0, 1.0, True, False),
+    "data.max_length": (8, None, True, None),
+    "data.max_train_samples": (0, None, True, None),
+    "data.max_eval_samples": (0, None, True, None),
+    "data.eval_max_new_tokens": (1, None, True, None),
+    "optim.lr": (0.0, None, False, None),
+    "optim.weight_decay": (0.0, None, True, None),
+    "optim.betas": (0.0, 1.0, True, False),
+    "optim.eps": (0.0, None, False, None),
+    "optim.warmup_ratio": (0.0, 1.0, True, False),
+    "optim.warmup_steps": (0, None, True, None),
+    "optim.min_lr_ratio": (0.0, 1.0, True, True),
+    "optim.max_grad_norm": (0.0, None, True, None),
+    "train.micro_batch_size": (1, None, True, None),
+    "train.gradient_accumulation_steps": (1, None, True, None),
+    "train.num_epochs": (0.0, None, True, None),
+    "train.max_steps": (0, None, True, None),
+    "train.seed": (0, 2**32 - 1, True, True),
+    "train.eval_every": (0, None, True, None),
+    "train.eval_batches": (0, None, True, None),
+    "train.log_every": (1, None, True, None),
+    "train.save_every": (0, None, True, None),
+    "train.keep_checkpoints": (1, None, True, None),
+    "train.ep_size": (1, None, True, None),
+    "train.stop_after_steps": (0, None, True, None),
+    "train.max_skipped_steps": (1, None, True, None),
+    "train.dist_timeout_s": (0.0, None, False, None),
+}
+
+
+def _check_ranges(cfg: "RunConfig") -> None:
+    """Every numeric field in range (``_RANGES``); tuples are checked element by element."""
+    for key, (lo, hi, lo_inc, hi_inc) in _RANGES.items():
+        sec, name = key.split(".")
+        section = getattr(cfg, sec)
+        if not hasattr(section, name):
+            continue
+        value = getattr(section, name)
+        for v in (value if isinstance(value, (tuple, list)) else (value,)):
+            bad = (lo is not None and (v < lo or (v == lo and not lo_inc))) or \
+                  (hi is not None and (v > hi or (v == hi and not hi_inc)))
+            if bad:
+                lo_s = "" if lo is None else f"{'>=' if lo_inc else '>'} {lo}"
+                hi_s = "" if hi is None else f"{'<=' if hi_inc else '<'} {hi}"
+                raise ConfigError(f"{key}={value!r} is out of range: it must be "
+                                  f"{' and '.join(x for x in (lo_s, hi_s) if x)}")
+
+
 PRESETS = {"tiny-llama": "causal_lm", "tiny-bert": "seq_cls", "tiny-roberta": "seq_cls"}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "goat": GoatConfig, "optim": OptimConfig,
              "train": TrainConfig}
 
 
-def _coerce(value: Any, current: Any) -> Any:
-    """Parse an override string the way YAML would (numbers, bools, lists, null)."""
-    if not isinstance(value, str):
-        return value
-    parsed = yaml.safe_load(value) if value != "" else ""
-    if isinstance(current, tuple) and isinstance(parsed, list):
-        return tuple(parsed)
-    if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-        return float(parsed)
-    return parsed
+# A number as people type it: 3, -2, 1e-4, 1E-4, 2.5e3, 1.0e12, .5, +7. YAML 1.1 (PyYAML) reads
+# exponents without a dot or without a sign ("1e-4", "1.0e12") as strings, so both YAML files
+# and overrides go through this. nan/inf are deliberately not numbers here (refused below).
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_override(key: str, value: str, hint: Any) -> Any:
+    """Parse an override string: YAML for numbers, bools, lists and null; the raw text for
+    string fields (so ``train.output_dir=2024`` or ``data.prompt_template=a: b`` stay text)."""
+    if value == "":
+        return ""
+    if _accepts_str(hint) and not _accepts(hint, bool) and not _accepts(hint, list) \
+            and not _accepts(hint, tuple):
+        return None if (_accepts(hint, type(None)) and value in ("null", "~", "None")) else value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"override {key}={value!r} cannot be parsed ({first}); write the value as YAML, "
+                          f"e.g. 3, 1e-4, true, [a, b] or a quoted string") from None
+
+
+def _args(hint: Any) -> tuple:
+    origin = typing.get_origin(hint)
+    return typing.get_args(hint) if origin is Union else (hint,)
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    return any((typing.get_origin(h) or h) is kind for h in _args(hint))
+
+
+def _accepts_str(hint: Any) -> bool:
+    return _accepts(hint, str)
+
+
+def _check_value(key: str, v: Any, hint: Any) -> Any:
+    """Check (and normalise) one config value against its annotation.
+
+    Numbers: int/float fields take ints, floats and numeric strings in any usual form; float
+    fields must be finite; int fields must be whole (``1e3`` is 1000). Bools are never numbers.
+    """
+    if v is None:
+        if _accepts(hint, type(None)):
+            return None
+        raise ConfigError(f"{key} must not be null; give a value or leave the key out for the default")
+    if _accepts(hint, bool) and isinstance(v, bool):
+        return v
+    if _accepts(hint, tuple) or _accepts(hint, list):
+        container = next(h for h in _args(hint) if (typing.get_origin(h) or h) in (tuple, list))
+        elems = typing.get_args(container)
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key}={v!r} must be a list, e.g. {key}=[0.9, 0.999]")
+        if (typing.get_origin(container) or container) is tuple and elems and Ellipsis not in elems:
+            if len(v) != len(elems):
+                raise ConfigError(f"{key}={v!r} must be a list of {len(elems)} values")
+            v = tuple(_check_value(f"{key}[{i}]", x, h) for i, (x, h) in enumerate(zip(v, elems)))
+            return v
+        elem = elems[0] if elems else Any
+        return [_check_value(f"{key}[{i}]", x, elem) for i, x in enumerate(v)]
+    wants_float, wants_int = _accepts(hint, float), _accepts(hint, int)
+    if wants_float or wants_int:
+        num = v
+        if isinstance(v, str) and not _accepts_str(hint):
+            text = v.strip()
+            if not _NUMBER.fullmatch(text):
+                raise ConfigError(f"{key}={v!r} must be a number (e.g. 3, 0.5, 1e-4)")
+            num = int(text) if _INT.fullmatch(text) else float(text)
+        if isinstance(num, bool) or (not isinstance(num, (int, float)) and not _accepts_str(hint)):
+            raise ConfigError(f"{key}={v!r} must be a number (e.g. 3, 0.5, 1e-4), "
+                              f"not {type(v).__name__}")
+        if isinstance(num, (int, float)) and not isinstance(num, bool):
+            if not math.isfinite(num):
+                raise ConfigError(f"{key}={v!r} must be a finite number (not NaN or infinity)")
+            if wants_float:
+                return float(num) if not wants_int else num
+            if isinstance(num, float):
+                if not num.is_integer():
+                    raise ConfigError(f"{key}={v!r} must be a whole number")
+                num = int(num)
+            return num
+    if _accepts_str(hint):
+        if not isinstance(v, str):
+            raise ConfigError(f"{key}={v!r} must be a string; quote it in YAML (e.g. {key}: \"{v}\")")
+        return v
+    if _accepts(hint, bool):
+        raise ConfigError(f"{key}={v!r} must be true or false")
+    return v
 
 
 def _build_section(name: str, values: dict[str, Any]):
@@ -237,17 +393,20 @@ def _build_section(name: str, values: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys of "
                           f"'{name}': {sorted(known)}")
-    defaults = cls() if name != "goat" else None
+    hints = _field_types(cls)
     kwargs = {}
     for k, v in values.items():
-        cur = getattr(defaults, k) if defaults is not None else None
-        if isinstance(cur, tuple) and isinstance(v, list):
-            v = tuple(v)
-        if isinstance(cur, float) and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if isinstance(cur, (int, float)) and not isinstance(cur, bool) and isinstance(v, str):
-            raise ConfigError(f"{name}.{k}={v!r} must be a number")
-        kwargs[k] = v
+        if name == "goat":
+            # GoatConfig validates its own fields; numbers typed as text still become numbers
+            hint = hints.get(k, Any)
+            if isinstance(v, str) and (_accepts(hint, float) or _accepts(hint, int)) \
+                    and _NUMBER.fullmatch(v.strip()):
+                v = _check_value(f"goat.{k}", v, hint)
+            elif isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"goat.{k}={v!r} must be a finite number (not NaN or infinity)")
+            kwargs[k] = v
+            continue
+        kwargs[k] = _check_value(f"{name}.{k}", v, hints[k])
     try:
         return cls(**kwargs)
     except GoatConfigError as e:
@@ -290,8 +449,7 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
         if section not in _SECTIONS:
             raise ConfigError(f"override {ov!r}: unknown section {section!r}; sections: {sorted(_SECTIONS)}")
         raw.setdefault(section, {}) if isinstance(raw.get(section), dict) else raw.__setitem__(section, {})
-        cur = getattr(_SECTIONS[section](), k, None) if section != "goat" else getattr(GoatConfig(), k, None)
-        raw[section][k] = _coerce(value, cur)
+        raw[section][k] = _parse_override(key, value, _field_types(_SECTIONS[section]).get(k, Any))
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown} in the run config; sections: {sorted(_SECTIONS)}")

@@ -9,6 +9,8 @@ Formats (``DataConfig.format``):
   separately and concatenated, so the prompt/response boundary is exact (no merge across it) and
   the loss mask (labels -100 on the prompt) is exact; generation and option scoring in
   evaluate.py build their inputs the same way.
+* ``chat``: ``messages`` / ShareGPT ``conversations`` / Alpaca records rendered by the tokenizer's
+  chat template, the loss on the assistant turns only (goat_dist/train/chat.py).
 * ``classification``: ``text`` (+ optional ``text_pair``) and ``label`` columns; labels that are
   strings become ids in sorted order (``label_names``), integer labels are used as they are.
 
@@ -59,7 +61,8 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------- loading
 
 def load_records(path: str):
-    """Read a local data file into a ``datasets.Dataset`` (offline; by extension).
+    """Read a data file into a ``datasets.Dataset`` (by extension), a ``save_to_disk`` folder, or,
+    for a path that does not exist locally and looks like ``owner/name[:split]``, a hub dataset.
 
     ``.json`` (a JSON list of records, or JSON lines), ``.jsonl``, ``.csv``, ``.parquet``. The
     ``datasets`` cache goes to a temporary folder and the table is kept in memory, so concurrent
@@ -70,7 +73,11 @@ def load_records(path: str):
     """
     import datasets
 
+    if os.path.isdir(path):
+        return _load_saved_dataset(path)
     if not os.path.isfile(path):
+        if _HUB_ID.fullmatch(path) and not os.path.splitext(path)[1].lower() in _BUILDERS:
+            return _load_hub_dataset(path)
         raise DataError(f"data file {path!r} does not exist; check data.train_file / data.eval_file "
                         f"(paths are relative to the working directory)")
     ext = os.path.splitext(path)[1].lower()
@@ -92,6 +99,66 @@ def load_records(path: str):
         raise _unparsable(path, ext, e) from None
     if ds.num_rows == 0:
         raise DataError(f"data file {path!r} holds no records; it must contain at least one")
+    return ds
+
+
+# owner/name or owner/name:split (a hub dataset id, tried only when no such local path exists)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
+
+
+def _load_saved_dataset(path: str):
+    """A folder written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk`` with one
+    split, or a split's own subfolder), read into memory."""
+    import datasets
+
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("state.json", "dataset_info.json", "dataset_dict.json")):
+        raise DataError(f"data path {path!r} is a folder but not one written by datasets' "
+                        f"save_to_disk (no state.json / dataset_dict.json); give a data file or "
+                        f"a save_to_disk folder")
+    try:
+        ds = datasets.load_from_disk(path, keep_in_memory=True)
+    except Exception as e:  # FileNotFoundError / arrow errors for damaged folders
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"data folder {path!r} cannot be read by datasets.load_from_disk "
+                        f"({type(e).__name__}: {first}); write it again with save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"data folder {path!r} holds the splits {sorted(ds)}; point "
+                            f"data.train_file / data.eval_file at one of them, e.g. "
+                            f"{os.path.join(path, sorted(ds)[0])!r}")
+        ds = next(iter(ds.values()))
+    if ds.num_rows == 0:
+        raise DataError(f"data folder {path!r} holds no records; it must contain at least one")
+    return ds
+
+
+def _load_hub_dataset(spec: str):
+    """A Hugging Face hub dataset ``owner/name[:split]`` (split ``train`` by default).
+
+    Offline (``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` set) this is refused at once, without a
+    network attempt. Online, an unreachable hub fails after huggingface_hub's own timeouts.
+    """
+    import datasets
+    from huggingface_hub import constants as hub_constants
+
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    if datasets.config.HF_DATASETS_OFFLINE or hub_constants.HF_HUB_OFFLINE:
+        raise DataError(f"data {spec!r} is neither a local file or folder nor reachable: as a hub "
+                        f"dataset id it needs network access, but HF_DATASETS_OFFLINE / "
+                        f"HF_HUB_OFFLINE is set. Check the path, or download the dataset on a "
+                        f"machine with network access and save_to_disk it here")
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # ConnectionError, DatasetNotFoundError, ValueError (unknown split)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"data {spec!r}: not a local path, and loading it as a hub dataset failed "
+                        f"({type(e).__name__}: {first}); check the path, the dataset id and the "
+                        f"split (owner/name:split)") from None
+    if ds.num_rows == 0:
+        raise DataError(f"hub dataset {spec!r} holds no records")
     return ds
 
 
@@ -147,12 +214,15 @@ class RecordSplits:
         eval: evaluation records, after ``max_eval_samples``; empty when there is no eval set.
         train_source, eval_source: where they came from, for messages
             (e.g. ``"data/demo/train.json"``, ``"data/demo/train.json (held out)"``).
+        skipped_bad_records: records of both files dropped for a missing or mistyped field
+            (``data.skip_bad_records``).
     """
 
     train: list[dict]
     eval: list[dict]
     train_source: str
     eval_source: Optional[str]
+    skipped_bad_records: int = 0
 
 
 def _required_fields(cfg: DataConfig) -> list[str]:
@@ -161,8 +231,49 @@ def _required_fields(cfg: DataConfig) -> list[str]:
     return [cfg.text_field] + ([cfg.text_pair_field] if cfg.text_pair_field else []) + [cfg.label_field]
 
 
-def _check_fields(ds, path: str, cfg: DataConfig) -> list[dict]:
-    """Column and per-record checks; returns the records as dicts."""
+# The types each field of a record may hold: text fields must be strings; ``input`` may also be
+# null (datasets fills a key a record leaves out with null, so null is "no input"); ``answer``
+# may be a number (math data); classification labels are integers or strings.
+_TEXT = (str,)
+_OPTIONAL_TYPES = {"input": (str, type(None)), "answer": (str, int, float, type(None))}
+
+
+def _field_types(cfg: DataConfig) -> dict[str, tuple]:
+    """Allowed Python types of each checked field (required ones exclude None)."""
+    if cfg.format == "instruction":
+        return {"instruction": _TEXT, "output": _TEXT, **_OPTIONAL_TYPES}
+    types = {cfg.text_field: _TEXT, cfg.label_field: (int, str, float)}
+    if cfg.text_pair_field:
+        types[cfg.text_pair_field] = _TEXT
+    return types
+
+
+def _bad_field(record: dict, types: dict[str, tuple]) -> Optional[str]:
+    """The first field of ``record`` whose value has a wrong type, described, or None."""
+    for name, allowed in types.items():
+        if name not in record:
+            continue
+        v = record[name]
+        if v is None and type(None) not in allowed:
+            return f"has no value for field {name!r} (null or an empty CSV cell)"
+        if isinstance(v, bool) or not isinstance(v, allowed):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer",
+                                                                   "float": "a number"}[t.__name__]
+                               for t in allowed)
+            return f"has field {name!r} = {str(v)[:40]!r} of type {type(v).__name__}, expected {want}"
+    return None
+
+
+def _check_fields(ds, path: str, cfg: DataConfig) -> tuple[list[dict], int]:
+    """Column and per-record type checks; returns (the good records as dicts, records skipped).
+
+    A record with a missing value or a value of the wrong type is an error naming the file, the
+    record index (0-based, in file order) and the field, unless ``cfg.skip_bad_records``, which
+    drops it and counts it.
+    """
+    if cfg.format == "chat":  # messages / ShareGPT / Alpaca shapes, checked in chat.py
+        from .chat import check_records
+        return check_records(ds, path, cfg.skip_bad_records)
     need = _required_fields(cfg)
     found = list(ds.column_names)
     missing = [f for f in need if f not in found]
@@ -172,13 +283,21 @@ def _check_fields(ds, path: str, cfg: DataConfig) -> list[dict]:
                 "set data.text_field / data.text_pair_field / data.label_field to the file's columns")
         raise DataError(f"data file {path!r}: missing field(s) {missing} for data.format="
                         f"{cfg.format!r}; found fields {found}. {hint}")
-    records = ds.to_list()
-    for i, r in enumerate(records):
-        empty = [f for f in need if r[f] is None]
-        if empty:
-            raise DataError(f"data file {path!r}: record {i} has no value for {empty} (null or an "
-                            f"empty CSV cell); fill or remove it")
-    return records
+    types = _field_types(cfg)
+    good, skipped = [], 0
+    for i, r in enumerate(ds.to_list()):
+        problem = _bad_field(r, types)
+        if problem is None:
+            good.append(r)
+            continue
+        if not cfg.skip_bad_records:
+            raise DataError(f"data file {path!r}: record {i} {problem}; fix or remove the "
+                            f"record, or set data.skip_bad_records=true to skip such records")
+        skipped += 1
+    if not good:
+        raise DataError(f"data file {path!r}: all {skipped} records are bad (see "
+                        f"data.skip_bad_records); fix the file")
+    return good, skipped
 
 
 def load_splits(cfg: DataConfig, task: str, seed: int) -> RecordSplits:
@@ -192,18 +311,19 @@ def load_splits(cfg: DataConfig, task: str, seed: int) -> RecordSplits:
         DataError: see load_records; missing fields; a format that does not fit ``task``; a
             hold-out that leaves no training records.
     """
-    want = {"causal_lm": "instruction", "seq_cls": "classification"}.get(task)
+    want = {"causal_lm": ("instruction", "chat"), "seq_cls": ("classification",)}.get(task)
     if want is None:
         raise DataError(f"task {task!r} is unknown; choose causal_lm or seq_cls")
-    if cfg.format != want:
+    if cfg.format not in want:
         raise DataError(f"data.format={cfg.format!r} does not fit task {task!r}; {task} trains on "
-                        f"data.format={want!r}")
+                        f"data.format={' or '.join(repr(w) for w in want)}")
     if cfg.train_file is None:
         raise DataError("data.train_file is not set; give a local .json/.jsonl/.csv/.parquet file")
-    train = _check_fields(load_records(cfg.train_file), cfg.train_file, cfg)
+    train, skipped = _check_fields(load_records(cfg.train_file), cfg.train_file, cfg)
     eval_source: Optional[str] = None
     if cfg.eval_file is not None:
-        eval_ = _check_fields(load_records(cfg.eval_file), cfg.eval_file, cfg)
+        eval_, eval_skipped = _check_fields(load_records(cfg.eval_file), cfg.eval_file, cfg)
+        skipped += eval_skipped
         eval_source = cfg.eval_file
     elif cfg.eval_fraction > 0:
         n = len(train)
@@ -222,13 +342,17 @@ def load_splits(cfg: DataConfig, task: str, seed: int) -> RecordSplits:
         train = train[:cfg.max_train_samples]
     if cfg.max_eval_samples > 0:
         eval_ = eval_[:cfg.max_eval_samples]
-    return RecordSplits(train=train, eval=eval_, train_source=cfg.train_file, eval_source=eval_source)
+    return RecordSplits(train=train, eval=eval_, train_source=cfg.train_file, eval_source=eval_source,
+                        skipped_bad_records=skipped)
 
 
 def corpus_texts(records: list[dict], cfg: DataConfig) -> list[str]:
     """The text a tokenizer should be trained on: prompt + output, or text (+ text pair)."""
     if cfg.format == "instruction":
         return [format_prompt(r, cfg.prompt_template) + str(r["output"]) for r in records]
+    if cfg.format == "chat":
+        from .chat import corpus_text, to_messages
+        return [corpus_text(to_messages(r, i, "train")) for i, r in enumerate(records)]
     out = [str(r[cfg.text_field]) for r in records]
     if cfg.text_pair_field:
         out += [str(r[cfg.text_pair_field]) for r in records]
@@ -371,7 +495,17 @@ def prepare_data(cfg: DataConfig, tokenizer, task: str, seed: int,
 
     splits = splits if splits is not None else load_splits(cfg, task, seed)
     out = PreparedData(train=None, eval=None)
-    if task == "causal_lm":
+    if task == "causal_lm" and cfg.format == "chat":
+        from .chat import tokenize_chat
+        ids, labels, _, out.num_truncated_train, out.num_dropped_train = tokenize_chat(
+            splits.train, tokenizer, cfg.chat_template, cfg.max_length, splits.train_source)
+        e_ids, e_labels, kept, out.num_truncated_eval, out.num_dropped_eval = tokenize_chat(
+            splits.eval, tokenizer, cfg.chat_template, cfg.max_length, str(splits.eval_source))
+        # accuracy (option scoring / generation) builds Alpaca prompts: chat eval sets report loss
+        eval_records = []
+        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                      "labels": datasets.List(datasets.Value("int32"))})
+    elif task == "causal_lm":
         ids, labels, _, out.num_truncated_train, out.num_dropped_train = tokenize_instruction(
             splits.train, tokenizer, cfg.prompt_template, cfg.max_length)
         e_ids, e_labels, kept, out.num_truncated_eval, out.num_dropped_eval = tokenize_instruction(
