@@ -45,6 +45,9 @@ class ModelConfig:
         vocab_size: vocabulary of a preset's tokenizer trained at start-up.
         dtype: dtype of the frozen base weights: ``float32`` or ``bfloat16`` (adapters stay fp32
             master weights in the optimizer).
+        trust_remote_code: let transformers run Python code shipped inside the model or
+            tokenizer folder (custom architectures). Off by default: such code runs with the
+            job's rights on every rank; turn it on only for folders you trust.
     """
 
     name_or_path: Optional[str] = None
@@ -54,6 +57,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     vocab_size: int = 512
     dtype: str = "float32"
+    trust_remote_code: bool = False
 
 
 @dataclass

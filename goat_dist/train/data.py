@@ -242,7 +242,8 @@ def _field_types(cfg: DataConfig) -> dict[str, tuple]:
     """Allowed Python types of each checked field (required ones exclude None)."""
     if cfg.format == "instruction":
         return {"instruction": _TEXT, "output": _TEXT, **_OPTIONAL_TYPES}
-    types = {cfg.text_field: _TEXT, cfg.label_field: (int, str, float)}
+    # labels may be JSON booleans (BoolQ's true/false): _label_ids maps them like strings
+    types = {cfg.text_field: _TEXT, cfg.label_field: (int, str, float, bool)}
     if cfg.text_pair_field:
         types[cfg.text_pair_field] = _TEXT
     return types
@@ -256,9 +257,10 @@ def _bad_field(record: dict, types: dict[str, tuple]) -> Optional[str]:
         v = record[name]
         if v is None and type(None) not in allowed:
             return f"has no value for field {name!r} (null or an empty CSV cell)"
-        if isinstance(v, bool) or not isinstance(v, allowed):
+        if (isinstance(v, bool) and bool not in allowed) or not isinstance(v, allowed):
             want = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer",
-                                                                   "float": "a number"}[t.__name__]
+                                                                   "float": "a number",
+                                                                   "bool": "a boolean"}[t.__name__]
                                for t in allowed)
             return f"has field {name!r} = {str(v)[:40]!r} of type {type(v).__name__}, expected {want}"
     return None

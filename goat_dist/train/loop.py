@@ -103,9 +103,9 @@ def _prepare_output_dir(run: RunConfig) -> Optional[str]:
 def _build_tokenizer(run: RunConfig, rank: int, splits: RecordSplits):
     m, d = run.model, run.data
     if m.tokenizer is not None:
-        return load_tokenizer(m.tokenizer)
+        return load_tokenizer(m.tokenizer, m.trust_remote_code)
     if m.name_or_path is not None:
-        return load_tokenizer(m.name_or_path)
+        return load_tokenizer(m.name_or_path, m.trust_remote_code)
     # Preset model: train a small sentencepiece tokenizer on the training split's prompts and
     # responses (rank 0), then every rank loads the same files.
     tok_dir = os.path.join(run.train.output_dir, "tokenizer")

@@ -79,12 +79,13 @@ def load_base_model(mcfg: ModelConfig, vocab_size: int, num_labels: int, seed: i
         from transformers.integrations import HfDeepSpeedConfig
         keepalive = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained
     try:
-        AutoConfig.from_pretrained(mcfg.name_or_path, local_files_only=True)
+        AutoConfig.from_pretrained(mcfg.name_or_path, local_files_only=True,
+                                   trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path={mcfg.name_or_path!r} is not a local Hugging Face "
                           f"model folder ({str(e).splitlines()[0]}); convert or download it first "
                           f"(see scripts/convert_smollm2.py)") from None
-    kwargs = dict(local_files_only=True, dtype=dtype)
+    kwargs = dict(local_files_only=True, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
     if mcfg.task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(mcfg.name_or_path, **kwargs)
     else:

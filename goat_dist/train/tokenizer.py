@@ -99,7 +99,7 @@ def _llama_from_model_dir(path: str) -> PreTrainedTokenizerBase:
     return LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=True)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a local tokenizer: a transformers folder, or a sentencepiece ``.model`` file.
 
     A ``.model`` file is copied as ``tokenizer.model`` into a temporary folder and loaded with
@@ -110,6 +110,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     id only fills positions that attention_mask hides and labels ignore (-100), so its value does
     not change any loss; unk is preferred so that eos keeps a single meaning.
 
+    Args:
+        trust_remote_code: allow a tokenizer class shipped as code in the folder (ModelConfig).
+
     Raises:
         TokenizerError: missing path, a file that is not a ``.model``, or a folder transformers
             cannot load.
@@ -119,7 +122,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
                              f"tokenizer folder or a sentencepiece .model file")
     try:
         if os.path.isdir(path):
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                trust_remote_code=trust_remote_code)
         elif path.endswith(".model"):
             with tempfile.TemporaryDirectory(prefix="goat_tok_") as tmp:
                 shutil.copyfile(path, os.path.join(tmp, "tokenizer.model"))
