@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -64,6 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import child_env, log as _log  # noqa: E402
+from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
 from goat_dist.study.readback import read_json, tensorboard_scalars  # noqa: E402
 from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
 
@@ -432,13 +431,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _sha256(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def swept_names(args, variants: list[Variant]) -> set[str]:
     """Variants whose learning rate is swept: --sweep-methods, plus any variant whose family
     representative is not swept in this study (it has nobody to borrow a learning rate from)."""
@@ -489,7 +481,6 @@ def split_by_source(path: str, out_dir: str) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from goat_dist.train.config import ConfigError, load_run_config
-    from goat_dist.train.monitor import write_json_atomic
 
     args.config = os.path.abspath(args.config)
     args.ds_config = None if args.ds_config.lower() == "none" else os.path.abspath(args.ds_config)
@@ -536,29 +527,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "final_units": len(final), "study_dir": study_dir}))
         return 0
 
-    os.makedirs(study_dir, exist_ok=True)
-    lock = open(os.path.join(study_dir, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"compare_methods: error: another study is running in {study_dir}", file=sys.stderr)
-        return 2
-    settings = {"config": args.config, "config_sha256": _sha256(args.config),
-                "ds_config": args.ds_config, "ds_config_sha256": _sha256(args.ds_config),
+    settings = {"config": args.config, "config_sha256": sha256_of(args.config),
+                "ds_config": args.ds_config, "ds_config_sha256": sha256_of(args.ds_config),
                 "procs": args.procs, "overrides": list(args.overrides), "model": args.model,
                 "metric": args.metric, "limit": args.limit, "eval_dtype": args.eval_dtype,
                 "val_tasks": args.val_tasks, "test_tasks": args.test_tasks,
-                "val_file_sha256": _sha256(args.val_file) if sweep else None}
-    study_json = os.path.join(study_dir, "study.json")
-    previous = read_json(study_json)
-    if previous is not None and previous.get("settings") != settings:
-        diff = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
-        print(f"compare_methods: error: {study_dir} holds a study with other settings "
-              f"({', '.join(diff)} differ); use a new --study-dir, or rerun with the settings "
-              f"recorded in {study_json}", file=sys.stderr)
+                "val_file_sha256": sha256_of(args.val_file) if sweep else None}
+    try:
+        lock = open_study_folder(study_dir, settings)  # noqa: F841 (held until exit)
+    except StudyFolderError as e:
+        print(f"compare_methods: error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(study_json, {"settings": settings,
-                                   "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     if sweep:
         split_by_source(args.val_file, args.val_data_dir)

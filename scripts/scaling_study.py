@@ -93,15 +93,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import fcntl
-import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -109,6 +106,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import child_env, error_summary, log as _log, run_point  # noqa: E402,F401
+from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
 from goat_dist.study.readback import is_finished, read_json, tensorboard_scalars  # noqa: E402
 
 TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
@@ -477,13 +475,6 @@ def plot_all(study_dir: str, rows: list[dict], rank_mode: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- main
-def _sha256(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -588,28 +579,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       for row in rows]}))
         return 0
 
-    os.makedirs(study_dir, exist_ok=True)
-    lock = open(os.path.join(study_dir, ".lock"), "w")
-    try:
-        # two sweeps in one folder would wipe each other's running points
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"scaling_study: error: another study is running in {study_dir}", file=sys.stderr)
-        return 2
-    settings = {"config": config, "config_sha256": _sha256(config), "ds_config": ds_config,
-                "ds_config_sha256": _sha256(ds_config), "procs": args.procs,
+    settings = {"config": config, "config_sha256": sha256_of(config), "ds_config": ds_config,
+                "ds_config_sha256": sha256_of(ds_config), "procs": args.procs,
                 "max_steps": args.max_steps, "overrides": list(args.overrides)}
-    study_json = os.path.join(study_dir, "study.json")
-    previous = read_json(study_json)
-    if previous is not None and previous.get("settings") != settings:
-        diff = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
-        print(f"scaling_study: error: {study_dir} holds a study with other settings "
-              f"({', '.join(diff)} differ); its finished points would not be comparable. "
-              f"Use a new --study-dir, or rerun with the recorded settings in {study_json}",
-              file=sys.stderr)
+    try:
+        lock = open_study_folder(study_dir, settings)  # noqa: F841 (held until exit)
+    except StudyFolderError as e:
+        print(f"scaling_study: error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(study_json, {"settings": settings,
-                                   "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     header = (f"# Scaling study ({args.rank_mode} rank)\n\n"
               f"config `{config}`, DeepSpeed `{ds_config or 'built-in ZeRO-0'}`, "
