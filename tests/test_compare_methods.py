@@ -4,36 +4,20 @@ resumes from its checkpoints while skipping what finished."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, tiny_config
+from tests.train_helpers import load_script, set_subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "compare_methods", os.path.join(ROOT, "scripts", "compare_methods.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # dataclasses resolve string annotations through it
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture
 def cm(monkeypatch):
-    # as scripts/test.sh: CPU DeepSpeed, one thread, nothing downloaded
-    for k, v in {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
-    return load_script()
+    set_subprocess_env(monkeypatch)
+    return load_script("compare_methods")
 
 
 def last_json(capsys) -> dict:

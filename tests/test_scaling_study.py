@@ -7,15 +7,13 @@ Only ep_size 1 runs here: expert parallelism is not in the trainer yet.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, tiny_config
+from tests.train_helpers import load_script, set_subprocess_env, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,25 +21,10 @@ pytestmark = pytest.mark.slow
 Q_MIN = 32
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location(
-        "scaling_study", os.path.join(ROOT, "scripts", "scaling_study.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # dataclasses resolve string annotations through it
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture
 def study(monkeypatch):
-    # as scripts/test.sh: CPU DeepSpeed, one thread, its JIT-built ops cached in the repository
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
-    return load_study()
+    set_subprocess_env(monkeypatch)
+    return load_script("scaling_study")
 
 
 def last_json(capsys) -> dict:

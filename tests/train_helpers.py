@@ -187,3 +187,23 @@ def adapter_eval_loss(config_path: str, output_dir: str) -> float:
             total += loss_sum(logits, batch["labels"], "causal_lm").item()
             n += count_targets(batch["labels"], "causal_lm")
     return total / n
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package)."""
+    import sys
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclasses resolve string annotations through it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def set_subprocess_env(monkeypatch) -> None:
+    """The environment scripts/test.sh gives the training/evaluation subprocesses a study starts:
+    CPU DeepSpeed, one thread, nothing downloaded, JIT-built ops cached in the repository."""
+    for k, v in {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
