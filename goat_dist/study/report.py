@@ -1,0 +1,204 @@
+"""Tables, statistics and plots of a method comparison (scripts/compare_methods.py): what a
+unit's evaluation and training produced, mean +- std over seeds, significance against a reference
+method, and the PNG figures."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from typing import Any
+
+from .readback import read_json, tensorboard_scalars
+
+
+def eval_metrics(eval_dir: str, metric: str) -> dict[str, tuple[float, float]]:
+    """{task: (value, stderr)} of ``metric`` from launch/evaluate.py's eval_results.json.
+
+    The stderr is lm-eval's where it reported one; otherwise (it says "N/A" when bootstrapping
+    is off) the closed-form standard error of a mean of 0/1 scores over the task's n records,
+    sqrt(p (1 - p) / (n - 1)), which is what lm-eval's ``mean_stderr`` computes for acc.
+    """
+    res = read_json(os.path.join(eval_dir, "eval_results.json"))
+    if not res:
+        return {}
+    raw = (res.get("lm_eval") or {}).get("results") or {}
+    out = {}
+    for task, vals in (res.get("metrics") or {}).items():
+        v = vals.get(metric)
+        if not isinstance(v, (int, float)):
+            continue
+        se = (raw.get(task) or {}).get(f"{metric}_stderr,none")
+        if not isinstance(se, (int, float)):
+            n = (res.get("n_samples") or {}).get(task) or 0
+            se = math.sqrt(v * (1 - v) / (n - 1)) if n > 1 and 0 <= v <= 1 else math.nan
+        out[task] = (float(v), float(se))
+    return out
+
+
+def train_figures(train_dir: str) -> dict[str, Any]:
+    """Throughput, load balance and the loss curve of a finished training run."""
+    summary = read_json(os.path.join(train_dir, "summary.json")) or {}
+    sc = tensorboard_scalars(os.path.join(train_dir, "tensorboard"),
+                             ["train/tokens_per_s", "experts/load_cv"])
+    rates = [v for _, v in sc.get("train/tokens_per_s", [])]
+    rates = rates[1:] if len(rates) >= 2 else rates   # the first window pays start-up costs
+    hist = summary.get("history") or []
+    return {"tokens_per_s": sum(rates) / len(rates) if rates else math.nan,
+            "load_cv": sc["experts/load_cv"][-1][1] if sc.get("experts/load_cv") else math.nan,
+            "final_train_loss": (sum(h["loss"] for h in hist[-5:]) / len(hist[-5:])
+                                 if hist else math.nan),
+            "steps": summary.get("global_step"), "wall_time_s": summary.get("wall_time_s"),
+            "loss_curve": [(h["step"], h["loss"]) for h in hist]}
+
+
+def average(metrics: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Unweighted mean over tasks and its stderr (tasks' test sets are independent)."""
+    if not metrics:
+        return math.nan, math.nan
+    vals = [v for v, _ in metrics.values()]
+    ses = [se for _, se in metrics.values()]
+    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(not math.isnan(s) for s in ses) \
+        else math.nan
+    return sum(vals) / len(vals), se
+
+
+def fmt(v: Any, nd: int = 4) -> str:
+    """A table cell: floats to nd significant digits, NaN and None empty."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and k != "loss_curve"]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: fmt(r.get(k), 8) for k in cols})
+    os.replace(tmp, path)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
+                 tasks: list[str], metric: str) -> tuple[str, dict[str, dict]]:
+    """Markdown: one line per variant, mean +- std over seeds of each task and the average.
+
+    Returns the table and, per variant, {avg, std, se, n} for the significance notes. ``se`` is
+    the standard error of the variant's mean average accuracy: seed-to-seed spread and test-set
+    sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)).
+    """
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["phase"] in phase_names and r["eval"] == eval_name and r["eval_status"] in ("ok", "done"):
+            by_variant.setdefault(r["variant"], []).append(r)
+    head = "| method | lr | seeds | " + " | ".join(tasks) + " | avg | train min |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    stats = {}
+    for name, rs in by_variant.items():
+        cells = []
+        for t in tasks:
+            m, s = mean_std([r.get(f"{t}", math.nan) for r in rs])
+            cells.append("" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}")
+        avg, sd = mean_std([r["avg"] for r in rs])
+        ses = [r["avg_stderr"] for r in rs if not math.isnan(r["avg_stderr"])]
+        se = math.sqrt(sd * sd / len(rs) + (statistics.fmean([x * x for x in ses]) if ses else 0))
+        stats[name] = {"avg": avg, "std": sd, "se": se, "n": len(rs)}
+        lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
+        tmin = [r["train_time_s"] / 60 for r in rs
+                if isinstance(r.get("train_time_s"), float) and not math.isnan(r["train_time_s"])]
+        lines.append(f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {len(rs)} | "
+                     + " | ".join(cells)
+                     + f" | {'' if math.isnan(avg) else f'{100 * avg:.2f} ± {100 * sd:.2f}'} | "
+                     + (f"{statistics.fmean(tmin):.1f}" if tmin else "") + " |")
+    return "\n".join(lines), stats
+
+
+def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
+    """Which differences from ``ref`` exceed twice their combined standard error."""
+    if ref not in stats:
+        return []
+    out = []
+    a = stats[ref]
+    for name, b in stats.items():
+        if name == ref or math.isnan(b["avg"]):
+            continue
+        d = a["avg"] - b["avg"]
+        se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+        verdict = "significant" if se > 0 and abs(d) > 2 * se else "within noise"
+        out.append(f"- {ref} - {name}: {100 * d:+.2f} points (2 SE = {200 * se:.2f}): {verdict}")
+    return out
+
+
+def plot(study_dir: str, rows: list[dict], curves: dict[str, list], grid: bool) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in sorted(curves.items()):
+        if pts:
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=name, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.set_title("Training loss (first seed of each method)")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(study_dir, "loss_curves.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    final = [r for r in rows if r["eval"] == "test" and r["eval_status"] in ("ok", "done")
+             and not math.isnan(r["avg"])]
+    names = list(dict.fromkeys(r["variant"] for r in final))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+    for i, n in enumerate(names):
+        m, s = mean_std([r["avg"] for r in final if r["variant"] == n])
+        ax.bar(i, 100 * m, yerr=100 * s, capsize=4)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("Test accuracy, mean ± std over seeds")
+    if not names:
+        ax.text(0.5, 0.5, "no finished unit", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    paths.append(os.path.join(study_dir, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if grid:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        pts: dict[str, list] = {}
+        for r in final:
+            if r.get("E"):
+                pts.setdefault(f"k={r['top_k']} ep={r['ep_size']}", []).append(r)
+        for label, rs in sorted(pts.items()):
+            rs.sort(key=lambda r: r["E"])
+            axes[0].plot([r["E"] for r in rs], [100 * r["avg"] for r in rs], marker="o", label=label)
+            axes[1].plot([r["E"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=label)
+        for ax, yl in zip(axes, ("average accuracy (%)", "tokens/s (all ranks)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("experts E")
+            ax.set_ylabel(yl)
+            ax.grid(True, alpha=0.3)
+            if pts:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(study_dir, "accuracy_vs_E.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
