@@ -44,7 +44,7 @@ from goat_dist.eval.records import standard_training_record  # noqa: E402
 TRAIN_SOURCES = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 EVAL_SOURCES = TRAIN_SOURCES + ["piqa", "social_i_qa", "winogrande"]
 MATH_SOURCES = ["gsm8k", "AddSub", "SVAMP"]
-# From the shared data README (/work/shared/data/README.md): original dataset and its license.
+# From the shared data README (../shared/data/README.md): original dataset and its license.
 LICENSES = {
     "boolq": ("BoolQ (Clark et al., 2019)", "CC BY-SA 3.0"),
     "ARC-Easy": ("AI2 Reasoning Challenge, Easy set (Clark et al., 2018)", "CC BY-SA 4.0"),

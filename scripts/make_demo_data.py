@@ -1,6 +1,6 @@
 """Build the embedded demo data set data/demo/{train,eval}.json from the shared Alpaca-style files.
 
-    python scripts/make_demo_data.py --src /work/shared/data --out data/demo
+    python scripts/make_demo_data.py --src ../shared/data --out data/demo
 
 Deterministic: a fixed seed picks ``--train-per-source`` records from each source's train.json and
 ``--eval-per-source`` from its test.json (random.Random(seed).sample, per source, in a fixed
@@ -37,7 +37,9 @@ def write(records: list[dict], path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="/work/shared/data")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--src", default=os.path.join(repo, "..", "shared", "data"),
+                    help="the shared data folder (default: ../shared/data beside the repository)")
     ap.add_argument("--out", default="data/demo")
     ap.add_argument("--train-per-source", type=int, default=200)
     ap.add_argument("--eval-per-source", type=int, default=40)
