@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ..train.resilience import EXIT_OK, EXIT_STOPPED
 from .process import error_summary, log, run_point
@@ -184,10 +184,3 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
     save()
     return res
 
-
-def unit_record(res: UnitResult) -> dict[str, Any]:
-    """A flat dict of a unit's stage figures, for tables."""
-    return {"train_status": res.train.status, "train_attempts": res.train.attempts,
-            "train_time_s": res.train.run_time_s, "train_peak_rss_mb": res.train.peak_rss_mb_max,
-            "eval_status": res.eval.status, "eval_time_s": res.eval.run_time_s,
-            "reason": res.train.reason or res.eval.reason}
