@@ -4,8 +4,6 @@ reference in tests/test_lm_eval_tasks.py."""
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -20,9 +18,8 @@ from goat_dist.train.config import DataConfig
 from goat_dist.train.data import corpus_texts, format_prompt
 from goat_dist.train.evaluate import accuracy
 from goat_dist.train.tokenizer import train_sentencepiece_tokenizer
+from tests.eval_helpers import GSM, demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "data", "demo")
 
 # real records of the other LLM-Adapters sets (shared data piqa / winogrande / social_i_qa / gsm8k)
 PIQA = {"instruction": "Please choose the correct solution to the question: How do I ready a guinea "
@@ -41,19 +38,6 @@ SIQA = {"instruction": "Please choose the correct answer to the question: Tracy 
         "make a new plan Answer2: Go home and see Riley Answer3: Find somewhere to go\n\nAnswer "
         "format: answer1/answer2/answer3", "input": "", "output": "the correct answer is answer3",
         "answer": "answer3"}
-GSM = {"instruction": "Mr Boarden is remodeling his bathroom. For every square foot, he needs 24 "
-       "mosaic tiles. How many mosaic tiles would Mr Boarden need to cover two thirds of his 36 sq ft "
-       "bathroom?", "input": "", "output": "\nA: He needs 24 tiles for every square foot. He needs to "
-       "cover two thirds of his 36 sq ft bathroom. That means he needs to cover 36 * 2/3 = 24 sq ft. "
-       "He needs 24 tiles for every sq ft, so he needs 24 * 24 = 576 tiles. The answer is 576.",
-       "answer": "576.0"}
-
-
-def demo(name):
-    with open(os.path.join(DEMO, name)) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     texts = corpus_texts(demo("train.json"), DataConfig(train_file="x.json"))
