@@ -105,7 +105,8 @@ from typing import Any, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from goat_dist.study.process import child_env, error_summary, log as _log, run_point  # noqa: E402,F401
+from goat_dist.study.process import (child_env, error_summary, failure_reason,  # noqa: E402,F401
+                                     log as _log, run_point)
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
 from goat_dist.study.readback import is_finished, read_json, tensorboard_scalars  # noqa: E402
 
@@ -635,16 +636,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 res.status = "ok"
             else:
                 res.status = "failed"
-                with open(os.path.join(pdir, "stderr.log"), errors="replace") as f:
-                    res.reason, res.stderr_tail = error_summary(f.read())
-                if m["timed_out"]:
-                    res.reason = f"timeout after {args.timeout:.0f} s; " + res.reason
-                elif m["returncode"] < 0:
-                    res.reason = (f"killed by signal {-m['returncode']}"
-                                  f"{' (out of memory?)' if m['returncode'] == -9 else ''}; "
-                                  + res.reason)
-                elif m["returncode"] == 0:
-                    res.reason = "exited 0 but summary.json does not say finished; " + res.reason
+                res.reason, res.stderr_tail = failure_reason(
+                    m, pdir, args.timeout, "summary.json does not say finished")
             write_json_atomic(os.path.join(pdir, "study_point.json"),
                               {"point": dataclasses.asdict(p), "cmd": cmd, **m,
                                "status": res.status, "reason": res.reason,

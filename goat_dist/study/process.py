@@ -223,3 +223,23 @@ def run_point(cmd: list[str], env: dict[str, str], out_dir: str, poll_s: float,
     peak = max(peaks) if peaks else math.nan
     return {"returncode": rc, "run_time_s": time.time() - t0, "timed_out": timed_out,
             "peak_rss_mb_per_rank": per_rank, "peak_rss_mb_max": round(peak, 1)}
+
+
+def failure_reason(m: dict[str, Any], log_dir: str, timeout_s: float,
+                   incomplete: str) -> tuple[str, str]:
+    """(one-line reason, stderr tail) of a run_point result that did not finish.
+
+    Args:
+        m: run_point's result; log_dir: the folder holding its stderr.log.
+        incomplete: what to say when the command exited 0 but its outputs are not complete.
+    """
+    with open(os.path.join(log_dir, "stderr.log"), errors="replace") as f:
+        reason, tail = error_summary(f.read())
+    rc = m["returncode"]
+    if m["timed_out"]:
+        reason = f"timeout after {timeout_s:.0f} s; " + reason
+    elif rc < 0:
+        reason = f"killed by signal {-rc}{' (out of memory?)' if rc == -9 else ''}; " + reason
+    elif rc == 0:
+        reason = f"exited 0 but {incomplete}; " + reason
+    return reason, tail

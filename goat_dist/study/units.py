@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..train.resilience import EXIT_OK, EXIT_STOPPED
-from .process import error_summary, log, run_point
+from .process import failure_reason, log, run_point
 from .readback import is_finished, read_json
 
 
@@ -115,14 +115,8 @@ def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: s
         rec.status, rec.reason = "stopped", f"stopped at step {summary.get('global_step')}"
         return
     rec.status = "failed"
-    with open(os.path.join(log_dir, "stderr.log"), errors="replace") as f:
-        rec.reason, rec.stderr_tail = error_summary(f.read())
-    if m["timed_out"]:
-        rec.reason = f"timeout after {timeout_s:.0f} s; " + rec.reason
-    elif m["returncode"] < 0:
-        rec.reason = f"killed by signal {-m['returncode']}; " + rec.reason
-    elif m["returncode"] == 0:
-        rec.reason = f"exited 0 but its outputs in {out_dir} are not complete; " + rec.reason
+    rec.reason, rec.stderr_tail = failure_reason(m, log_dir, timeout_s,
+                                                 f"its outputs in {out_dir} are not complete")
 
 
 def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
