@@ -91,7 +91,6 @@ Exit status: 0 when no point failed, 1 when some point failed (the outputs are w
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import itertools
 import json
@@ -108,6 +107,7 @@ sys.path.insert(0, ROOT)
 from goat_dist.study.process import (child_env, error_summary, failure_reason,  # noqa: E402,F401
                                      log as _log, run_point)
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
+from goat_dist.study.report import fmt, write_csv  # noqa: E402
 from goat_dist.study.readback import is_finished, read_json, tensorboard_scalars  # noqa: E402
 
 TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
@@ -334,18 +334,6 @@ def collect(point_dir: str, res: PointResult, loss_window: int) -> None:
 
 
 # ---------------------------------------------------------------------------- outputs
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        return f"{v:.{digits}g}"
-    if isinstance(v, list):
-        return ";".join(_fmt(x, 6) for x in v)
-    return str(v)
-
-
 def row_of(p: StudyPoint, res: PointResult, procs: int) -> dict[str, Any]:
     row = {"point_id": p.point_id, "E": p.num_experts, "top_k": p.top_k, "ep_size": p.ep_size,
            "r": p.r, "r_e": p.r_e, "rank_mode": p.rank_mode, "s": p.s, "init_cof": p.init_cof,
@@ -354,16 +342,6 @@ def row_of(p: StudyPoint, res: PointResult, procs: int) -> dict[str, Any]:
     if p.invalid_reason:
         row["reason"] = p.invalid_reason
     return row
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _fmt(row.get(k), 8) for k in CSV_COLUMNS})
-    os.replace(tmp, path)
 
 
 MD_COLUMNS = [("E", "E"), ("top_k", "k"), ("ep_size", "ep"), ("r", "r"), ("r_e", "r_e"),
@@ -389,7 +367,7 @@ def markdown_table(rows: list[dict]) -> str:
             elif key in ("tokens_per_s", "wall_time_s"):
                 text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
             else:
-                text = _fmt(v)
+                text = fmt(v)
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -599,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def write_tables() -> list[dict]:
         rows = [row_of(p, r, args.procs) for p, r in zip(points, results)]
-        write_csv(os.path.join(study_dir, "results.csv"), rows)
+        write_csv(os.path.join(study_dir, "results.csv"), rows, CSV_COLUMNS)
         write_markdown(os.path.join(study_dir, "results.md"), rows, header)
         return rows
 

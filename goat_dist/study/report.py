@@ -8,7 +8,7 @@ import csv
 import math
 import os
 import statistics
-from typing import Any
+from typing import Any, Optional
 
 from .readback import read_json, tensorboard_scalars
 
@@ -65,16 +65,20 @@ def average(metrics: dict[str, tuple[float, float]]) -> tuple[float, float]:
 
 
 def fmt(v: Any, nd: int = 4) -> str:
-    """A table cell: floats to nd significant digits, NaN and None empty."""
+    """A table cell: floats to nd significant digits, NaN and None empty, lists ;-joined."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
+    if isinstance(v, list):
+        return ";".join(fmt(x, 6) for x in v)
     return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols and k != "loss_curve"]
+def write_csv(path: str, rows: list[dict], columns: Optional[list[str]] = None) -> None:
+    """Rows to CSV atomically; ``columns`` default to every key in first-seen order."""
+    cols: list[str] = list(columns or [])
+    if columns is None:
+        for r in rows:
+            cols += [k for k in r if k not in cols and k != "loss_curve"]
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
