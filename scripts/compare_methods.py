@@ -256,14 +256,16 @@ def plan(args, variants: list[Variant], best: dict[str, float]) -> tuple[list[Un
     for v in variants:
         if v.name in swept:
             sweep += [Unit(v, lr, args.seeds[0], "sweep", "val") for lr in lrs]
-    for v in variants:
-        if not v.trains:
-            final.append(Unit(v, None, None, "base", "test"))
-            continue
-        lr = lrs[0] if len(lrs) == 1 else best.get(v.name if v.name in swept else v.family)
-        if lr is None:
-            continue
-        final += [Unit(v, lr, s, "final", "test") for s in args.seeds]
+    # seed-major: every method's first seed comes before any method's second, so a study cut
+    # short (a CPU budget spread over days) still has a row for every method
+    final += [Unit(v, None, None, "base", "test") for v in variants if not v.trains]
+    for s in args.seeds:
+        for v in variants:
+            if not v.trains:
+                continue
+            lr = lrs[0] if len(lrs) == 1 else best.get(v.name if v.name in swept else v.family)
+            if lr is not None:
+                final.append(Unit(v, lr, s, "final", "test"))
     return sweep, final
 
 
