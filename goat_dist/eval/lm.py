@@ -2,7 +2,7 @@
 
 ``GoatHFLM`` is lm-eval's own ``HFLM`` given a model instance (a transformers model, or a
 GoatModel that wraps one), so batching, length sorting, generation and metrics are the
-library's. Two things are added:
+library's. Three things are added:
 
 * **Data parallel over an explicit torch.distributed group.** HFLM only shards requests when it
   loads the model itself under ``accelerate launch``; given an instance it assumes one process.
@@ -15,6 +15,9 @@ library's. Two things are added:
   rank the same number of loglikelihood requests, hence the same number of fixed-size batches;
   generation is made lockstep with transformers' ``synced_gpus`` (ranks that finish early keep
   running dummy forwards).
+* **Shared-prefix log-likelihoods** (goat_dist/eval/prefix.py, off under lockstep): the options of
+  a multiple-choice record share their context, which then runs through the model once instead of
+  once per option; same numbers within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -208,6 +211,31 @@ def _hflm_class():
         def barrier(self):
             if self.world_size > 1:
                 dist.barrier(group=self._group)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """Shared-prefix scoring (goat_dist/eval/prefix.py): each context runs once for all of
+            its options. lm-eval's own loop under lockstep, where the count of forwards must not
+            depend on the rank's documents."""
+            if self._synced_gpus or self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            from tqdm import tqdm
+
+            from .prefix import score_requests
+
+            pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                        desc="Running loglikelihood requests")
+
+            def done(i, answer):
+                if requests[i][0] is not None:   # rolling windows are cached per document upstream
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                pbar.update(1)
+
+            pad = self.tokenizer.pad_token_id
+            out = score_requests(self.model, [(c, t) for _, c, t in requests], self.max_length,
+                                 override_bs or self.batch_size, pad if pad is not None else 0,
+                                 self.device, on_done=done)
+            pbar.close()
+            return out
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if self._synced_gpus:

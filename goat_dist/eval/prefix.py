@@ -1,0 +1,141 @@
+"""Shared-prefix log-likelihood scoring: each context runs through the model once per request group.
+
+Multiple-choice tasks ask lm-eval for log p(continuation | context) once per option, and the options
+of a record share their context. lm-eval's HFLM runs ``context + continuation`` in full for every
+option (its logits cache merges requests only when the continuations differ in their last token,
+which an eos after the option defeats), so a 4-option ARC record costs four forwards of its
+~200-token Alpaca prompt. Here the context runs once, its key/value cache is copied to one row per
+option, and only the continuation tokens run again:
+
+    pass 1 (prefix)        [G, Lp]     left-padded contexts of G groups -> KV cache + the logits at
+                                       each context's last token (they score continuation token 0)
+    pass 2 (continuations) [R, Lc - 1] R = the requests with >= 2 continuation tokens, each over
+                                       its group's cached prefix -> logits for tokens 1..Lc-1
+
+The numbers are lm-eval's (same truncation window, same sum of token log-probs, same greedy test):
+only the order of floating-point operations differs, within fp32 rounding. Tasks, request building,
+metrics and aggregation stay lm-eval's; this replaces one method of the HF wrapper (GoatHFLM). It is
+not used when every rank must run the same number of forwards (ZeRO-3 or expert parallelism with
+several ranks): the number of passes here depends on the rank's documents.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Request = tuple[Sequence[int], Sequence[int]]   # (context tokens, continuation tokens)
+
+
+def prefix_and_continuation(ctx: Sequence[int], cont: Sequence[int], max_length: int
+                            ) -> tuple[tuple[int, ...], list[int]]:
+    """lm-eval's input window, split: the model sees ``(ctx + cont)[-(max_length + 1):][:-1]``, so
+    the context loses its start when the pair is too long; the continuation is never cut.
+
+    Raises:
+        ValueError: an empty context or continuation, or a continuation longer than max_length.
+    """
+    if not ctx or not cont or len(cont) > max_length:
+        raise ValueError(f"need a context and a continuation of 1..{max_length} tokens "
+                         f"(got {len(ctx)} and {len(cont)})")
+    window = (list(ctx) + list(cont))[-(max_length + 1):]
+    return tuple(window[:len(window) - len(cont)]), list(cont)
+
+
+def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
+             batch_size: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """Consecutive groups while their requests fit in ``batch_size`` rows (one group at least)."""
+    out, cur, rows = [], [], 0
+    for g in groups:
+        n = len(g[1])
+        if cur and rows + n > batch_size:
+            out.append(cur)
+            cur, rows = [], 0
+        cur.append(g)
+        rows += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def score_requests(model, requests: list[Request], max_length: int, batch_size: int, pad_id: int,
+                   device: torch.device, on_done: Optional[Callable[[int, tuple[float, bool]], None]] = None
+                   ) -> list[tuple[float, bool]]:
+    """(sum of continuation token log-probs, continuation == greedy tokens) per request, in order.
+
+    Args:
+        model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids``,
+            ``cache``, ``use_cache`` and ``logits_to_keep`` (transformers' models; a
+            GoatModel forwards them).
+        requests: (context tokens, continuation tokens) pairs, as lm-eval encodes them.
+        max_length: the model's window (lm-eval's ``max_length``).
+        batch_size: requests (continuation rows) per forward; a group is never split.
+        pad_id: token id for padding (masked out everywhere).
+        on_done: called with (request index, answer) as each request is scored (progress bar,
+            lm-eval's cache hook).
+    """
+    split = [prefix_and_continuation(c, t, max_length) for c, t in requests]
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _) in enumerate(split):
+        by_prefix.setdefault(prefix, []).append(i)
+    # longest first, like lm-eval: time estimates err high and an out-of-memory shows at once
+    groups = sorted(by_prefix.items(), key=lambda kv: (-len(kv[0]), kv[0]))
+    conts = [c for _, c in split]
+    results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+    for batch in _batches(groups, conts, batch_size):
+        for i, ans in _score_batch(model, batch, conts, pad_id, device):
+            results[i] = ans
+            if on_done is not None:
+                on_done(i, ans)
+    return results  # type: ignore[return-value]
+
+
+def _score_batch(model, batch: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
+                 pad_id: int, device: torch.device) -> list[tuple[int, tuple[float, bool]]]:
+    G, Lp = len(batch), max(len(p) for p, _ in batch)
+    ids = torch.full((G, Lp), pad_id, dtype=torch.long)
+    mask = torch.zeros((G, Lp), dtype=torch.long)
+    for g, (prefix, _) in enumerate(batch):        # left padding: every context ends at Lp - 1
+        ids[g, Lp - len(prefix):] = torch.tensor(prefix)
+        mask[g, Lp - len(prefix):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)          # [G, V]: scores token 0
+
+    rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members if len(conts[i]) > 1]
+    rest = None                                                       # [R, Lc - 1, V]
+    if rows:
+        Lc = max(len(conts[i]) for _, i in rows) - 1
+        cids = torch.full((len(rows), Lc), pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(rows), Lc), dtype=torch.long)
+        for r, (_, i) in enumerate(rows):
+            cids[r, :len(conts[i]) - 1] = torch.tensor(conts[i][:-1])
+            cmask[r, :len(conts[i]) - 1] = 1
+        src = torch.tensor([g for g, _ in rows], device=device)
+        cache = out.cache
+        cache.batch_select_indices(src)                               # one copy of the prefix per row
+        cmask = cmask.to(device)
+        full_mask = torch.cat([mask[src], cmask], dim=1)              # [R, Lp + Lc]
+        cpos = mask[src].sum(-1, keepdim=True) + torch.arange(Lc, device=device)
+        rest = model(input_ids=cids.to(device), attention_mask=full_mask, position_ids=cpos,
+                     cache=cache, use_cache=True).logits
+        rest = F.log_softmax(rest.float(), dim=-1)
+    row_of = {i: r for r, (_, i) in enumerate(rows)}
+
+    answers = []
+    for g, (_, members) in enumerate(batch):
+        for i in members:
+            cont = conts[i]
+            logp = float(first[g, cont[0]])
+            greedy = int(first[g].argmax()) == cont[0]
+            if len(cont) > 1:
+                lp = rest[row_of[i], :len(cont) - 1]                   # [Lc_i - 1, V]
+                tgt = torch.tensor(cont[1:], device=lp.device)
+                logp += float(lp.gather(-1, tgt[:, None]).sum())
+                greedy = greedy and bool((lp.argmax(-1) == tgt).all())
+            answers.append((i, (logp, greedy)))
+    return answers
