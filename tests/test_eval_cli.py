@@ -73,9 +73,10 @@ def test_bad_input_one_message_exit_2_nothing_written(tmp_path, tiny_folder, kep
          kept_output, capsys, "load it onto the base model it was trained on")
 
 
-def test_adapter_through_cli_equals_trainer_numbers(tmp_path, tiny_folder):
+def test_adapter_through_cli_equals_trainer_numbers(tmp_path, tiny_folder, kept_output, capsys):
     """Train on the tiny folder; the trainer's final accuracy (in-process, through the engine) equals
-    launch/evaluate.py on the exported adapter, and the in-process evaluator on the loaded adapter."""
+    launch/evaluate.py on the exported adapter, on the last checkpoint step folder, and the
+    in-process evaluator on the loaded adapter."""
     records = [r for r in demo("eval.json") if "Answer1" in r["instruction"]][:10]
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps(records))
@@ -86,7 +87,8 @@ def test_adapter_through_cli_equals_trainer_numbers(tmp_path, tiny_folder):
            "goat": {"r": 4, "lora_alpha": 8, "num_experts": 2, "top_k": 1, "lora_dropout": 0.0,
                     "target_modules": "all-linear"},
            "optim": {"lr": 1.0e-2, "warmup_steps": 1},
-           "train": {"output_dir": out, "micro_batch_size": 4, "max_steps": 3, "bf16": False, "seed": 0}}
+           "train": {"output_dir": out, "micro_batch_size": 4, "max_steps": 3, "bf16": False, "seed": 0,
+                     "save_every": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert run_train(["--config", str(tmp_path / "run.yaml")], world=1) == 0
     m = read_summary(out)["final_metrics"]
@@ -102,6 +104,27 @@ def test_adapter_through_cli_equals_trainer_numbers(tmp_path, tiny_folder):
     assert got["dtype"] == "float32" and got["versions"]["lm_eval"]
     assert got["metrics"]["cs_arc_easy"]["acc"] == pytest.approx(m["eval/accuracy"], abs=1e-9)
     assert "| cs_arc_easy | 10 |" in (res_dir / "results.md").read_text()
+
+    # every checkpoint step folder carries its adapter: the last one is the final export
+    ckpt = os.path.join(out, "checkpoints")
+    assert sorted(d for d in os.listdir(ckpt) if d.startswith("step_")) == ["step_00000002",
+                                                                            "step_00000003"]
+    assert run_eval_ranks(["--model", tiny_folder, "--adapter", os.path.join(ckpt, "step_00000003"),
+                           "--tasks", "cs_arc_easy", "--data_dir", data, "--dtype", "float32",
+                           "--max_length", "320", "--output_dir", str(tmp_path / "eval3")], world=1) == [0]
+    step3 = json.loads((tmp_path / "eval3" / "eval_results.json").read_text())
+    assert step3["adapter_sha256"] == got["adapter_sha256"]
+    assert step3["metrics"]["cs_arc_easy"]["acc"] == pytest.approx(m["eval/accuracy"], abs=1e-9)
+    from goat_dist.eval.lm import resolve_adapter_dir, sha256_of_folder
+    step2 = resolve_adapter_dir(os.path.join(ckpt, "step_00000002"))
+    assert step2 == os.path.join(ckpt, "step_00000002", "adapter")
+    assert sha256_of_folder(step2) != got["adapter_sha256"]
+    # a run without its final export (stopped early) is refused, naming the checkpoint to pass
+    import shutil
+    stopped = str(tmp_path / "stopped")
+    shutil.copytree(out, stopped, ignore=lambda d, names: ["adapter"] if d == out else [])
+    _bad(["--model", tiny_folder, "--tasks", "cs_arc_easy", "--adapter", stopped], kept_output, capsys,
+         f"pass --adapter {os.path.join(stopped, 'checkpoints', 'step_00000003', 'adapter')}")
 
     from goat_dist.eval.lm import load_model
     from goat_dist.train.evaluate import accuracy

@@ -34,7 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model folder (the base model)")
     p.add_argument("--adapter", default=None,
-                   help="goat_dist adapter folder, or a training run's output folder (its adapter/ export)")
+                   help="goat_dist adapter folder, a training run's output folder (its adapter/ export) or "
+                        "one of its checkpoints/step_N folders")
     p.add_argument("--tasks", nargs="+", required=True,
                    help="task or group names (space- or comma-separated)")
     p.add_argument("--output_dir", default="outputs/eval", help="where eval_results.json and results.md go")

@@ -68,26 +68,45 @@ def sha256_of_folder(path: str) -> str:
 
 
 def resolve_adapter_dir(path: str) -> str:
-    """An adapter folder, or a training run's output folder (its ``adapter/`` export).
+    """The adapter folder that ``path`` names: an adapter folder itself, a training run's output
+    folder (its final ``adapter/`` export) or one of its checkpoint step folders
+    (``checkpoints/step_N/adapter``, written with every checkpoint).
 
     Raises:
-        EvalInputError: the path does not exist or holds no adapter.
+        EvalInputError: the path does not exist or holds no adapter; for a run without a final
+            export (stopped or still running) the message names its latest checkpoint's adapter.
     """
+    import json
+
     from ..adapter_io import CONFIG_NAME
 
     if not os.path.isdir(path):
         raise EvalInputError(f"adapter folder {path!r} does not exist; pass an adapter folder "
-                             f"(adapter_config.json + adapter_model.safetensors) or a training "
-                             f"run's output folder")
+                             f"(adapter_config.json + adapter_model.safetensors), a training "
+                             f"run's output folder or one of its checkpoints/step_N folders")
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return path
     exported = os.path.join(path, "adapter")
     if os.path.isfile(os.path.join(exported, CONFIG_NAME)):
         return exported
+    for root in (path, os.path.join(path, "checkpoints")):   # a checkpoints folder, or a run's
+        pointer = os.path.join(root, "latest.json")
+        if os.path.isfile(pointer):
+            try:
+                with open(pointer) as f:
+                    latest = os.path.join(root, json.load(f)["tag"], "adapter")
+            except (OSError, ValueError, KeyError):
+                break
+            raise EvalInputError(f"{path!r} has no final adapter export (the run stopped early or "
+                                 f"is still running); its latest checkpoint's adapter is "
+                                 f"{latest!r}: pass --adapter {latest}")
+    if os.path.isfile(os.path.join(path, "run_config.json")):
+        raise EvalInputError(f"checkpoint {path!r} holds no adapter/ export (written by an older "
+                             f"goat_dist); resume the run from it (train.resume={path}) with "
+                             f"train.stop_after_steps set to get one")
     raise EvalInputError(f"{path!r} holds no goat_dist adapter ({CONFIG_NAME}) and no adapter/ "
-                         f"export; training writes <output_dir>/adapter at the end of a run "
-                         f"(a checkpoint step folder holds DeepSpeed shards: finish or resume the "
-                         f"run with train.stop_after_steps to get an export)")
+                         f"export; pass an adapter folder, a training run's output folder or one "
+                         f"of its checkpoints/step_N folders")
 
 
 def load_model(model_dir: str, adapter: Optional[str], dtype: torch.dtype):

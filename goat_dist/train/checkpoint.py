@@ -4,6 +4,9 @@ Layout of ``<output_dir>/checkpoints``:
 
     step_00000040/            DeepSpeed's files (adapter params, optimizer, scheduler; the frozen
                               base is excluded) + rng_rank<r>.pt + run_config.json
+        adapter/              the adapter at this step, exported like the end-of-run export
+                              (safetensors, gathered from ZeRO-3 / expert shards): what
+                              ``launch/evaluate.py --adapter <step folder>`` and load_adapter read
     step_00000080/
     latest.json               the pointer: {"tag": "step_00000080", "global_step": 80, ...}
 
@@ -42,6 +45,7 @@ from ..model import GoatModel
 from .config import ConfigError, RunConfig
 
 POINTER = "latest.json"
+ADAPTER_DIR = "adapter"      # in a checkpoint step folder, and in the run's output folder
 
 
 class CheckpointWriteError(RuntimeError):
@@ -140,6 +144,9 @@ def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
         torch.save(rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
         if expert_state is not None:
             torch.save(expert_state, os.path.join(path, f"experts_rank{rank}.pt"))
+        # a peft/HF-Trainer user evaluates checkpoint-N folders directly: give each step the
+        # same loadable adapter the run's end writes (collective: gathers ZeRO-3 / expert shards)
+        export_adapter(engine.module, os.path.join(path, ADAPTER_DIR))
     except OSError as e:
         raise _write_error(e, path, root) from None
     _barrier()                                   # every rank's files are complete
