@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -219,10 +220,12 @@ def test_collate_causal():
 
 # ----------------------------------------------------------------------------------------- StepPlan
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("n,b,g", [(103, 2, 3), (64, 4, 1), (50, 1, 2)])
-def test_step_plan_world_size_invariant(n, b, g):
-    one = StepPlan(n, b, 2 * g, world_size=1, rank=0, seed=7)
-    two = [StepPlan(n, b, g, world_size=2, rank=r, seed=7) for r in range(2)]
+def test_step_plan_world_size_invariant(n, b, g, grouped):
+    lengths = [random.Random(i).randrange(1, 300) for i in range(n)] if grouped else None
+    one = StepPlan(n, b, 2 * g, world_size=1, rank=0, seed=7, lengths=lengths)
+    two = [StepPlan(n, b, g, world_size=2, rank=r, seed=7, lengths=lengths) for r in range(2)]
     assert one.steps_per_epoch == two[0].steps_per_epoch == n // (2 * b * g)
     for epoch in range(3):
         for t in range(one.steps_per_epoch):
@@ -251,6 +254,29 @@ def test_step_plan_epochs_and_determinism():
     assert plan.position(0) == (0, 0) and plan.position(7) == (1, 2) and plan.position(10) == (2, 0)
     # resuming at a global step gives the same batch as running up to it
     assert plan.micro_batches(*plan.position(7)) == StepPlan(40, 2, 2, 2, 0, 1).micro_batches(1, 2)
+
+
+def test_step_plan_group_by_length_keeps_global_batches_and_pads_less():
+    """Grouping reorders examples inside each global batch only (so the token-mean loss of the
+    step is unchanged), longest first, and cuts the padding of the micro-batches."""
+    n, b, W, GA = 256, 4, 2, 2
+    rng = random.Random(0)
+    lengths = [rng.randrange(5, 120) for _ in range(n)]
+    plain = [StepPlan(n, b, GA, W, r, seed=3) for r in range(W)]
+    grouped = [StepPlan(n, b, GA, W, r, seed=3, lengths=lengths) for r in range(W)]
+    padded = {False: 0, True: 0}
+    for t in range(plain[0].steps_per_epoch):
+        for key, plans in ((False, plain), (True, grouped)):
+            micro = [m for j in range(GA) for p in plans for m in [p.micro_batches(0, t)[j]]]
+            padded[key] += sum(b * max(lengths[i] for i in m) for m in micro)
+            if key:
+                order = [i for m in micro for i in m]
+                assert [lengths[i] for i in order] == sorted((lengths[i] for i in order), reverse=True)
+        assert sorted(i for p in plain for m in p.micro_batches(0, t) for i in m) == \
+            sorted(i for p in grouped for m in p.micro_batches(0, t) for i in m)
+    assert padded[True] < 0.8 * padded[False], padded
+    with pytest.raises(ValueError, match="3 lengths for 256 examples"):
+        StepPlan(n, b, GA, W, 0, seed=3, lengths=[1, 2, 3])
 
 
 def test_step_plan_too_little_data():

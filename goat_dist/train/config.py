@@ -82,6 +82,10 @@ class DataConfig:
         text_field, text_pair_field, label_field: columns of classification records.
         max_length: maximum tokens per example; longer ones are truncated (and counted).
         max_train_samples, max_eval_samples: cap the number of records (0 = all).
+        group_by_length: sort each global batch by example length before cutting it into
+            micro-batches (data.StepPlan), so micro-batches pad less. The global batches, hence
+            the loss and its gradient, are the same either way (HF Trainer's option of the
+            same name regroups whole batches instead, which changes them).
         eval_mode: how accuracy is computed for records with an ``answer``, through the same
             lm-eval tasks as launch/evaluate.py (goat_dist/train/evaluate.py): ``options`` (score
             each answer option's log-likelihood; exact, no generation) or ``generate`` (greedy
@@ -105,6 +109,7 @@ class DataConfig:
     max_length: int = 256
     max_train_samples: int = 0
     max_eval_samples: int = 0
+    group_by_length: bool = True
     eval_mode: str = "options"
     eval_max_new_tokens: int = 16
     skip_bad_records: bool = False

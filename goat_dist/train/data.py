@@ -30,7 +30,7 @@ import random
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -583,14 +583,21 @@ class StepPlan:
     batches and their micro-batches depend on b * W * GA and b only, so W=2, GA=g and W=1, GA=2g
     compute the same gradients (each micro-batch loss is a mean over its own tokens in both).
 
+    With ``lengths`` (``data.group_by_length``), each global batch is sorted by example length,
+    longest first, before it is cut: micro-batches then hold similar lengths and pad less, and the
+    W micro-batches of one accumulation step are neighbours, so ranks wait less for each other.
+    A global batch keeps its examples, so the token-mean loss and its gradient are unchanged;
+    only per-micro-batch statistics (the router aux loss) and dropout masks see other company.
+
     Attributes:
         num_examples, micro_batch_size, grad_accum, world_size, rank, seed: as given.
+        lengths: (N,) example lengths in tokens when grouping by length, else None.
         global_batch: G = micro_batch_size * world_size * grad_accum.
         steps_per_epoch: N // G optimizer steps.
     """
 
     def __init__(self, num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int,
-                 rank: int, seed: int):
+                 rank: int, seed: int, lengths: Optional[Sequence[int]] = None):
         if min(micro_batch_size, grad_accum, world_size) < 1 or not 0 <= rank < world_size:
             raise ValueError(f"StepPlan: need micro_batch_size, grad_accum, world_size >= 1 and "
                              f"0 <= rank < world_size; got b={micro_batch_size}, GA={grad_accum}, "
@@ -601,6 +608,9 @@ class StepPlan:
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"StepPlan: {len(lengths)} lengths for {num_examples} examples")
+        self.lengths = None if lengths is None else list(lengths)
         self.global_batch = micro_batch_size * world_size * grad_accum
         self.steps_per_epoch = num_examples // self.global_batch
         if self.steps_per_epoch == 0:
@@ -623,6 +633,8 @@ class StepPlan:
             raise IndexError(f"step_in_epoch={step_in_epoch} outside [0, {self.steps_per_epoch})")
         b, G, W = self.micro_batch_size, self.global_batch, self.world_size
         block = self.permutation(epoch)[step_in_epoch * G:(step_in_epoch + 1) * G].tolist()
+        if self.lengths is not None:     # stable: equal lengths keep their shuffled order
+            block.sort(key=lambda i: -self.lengths[i])
         return [block[(j * W + self.rank) * b:(j * W + self.rank + 1) * b]
                 for j in range(self.grad_accum)]
 

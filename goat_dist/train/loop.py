@@ -184,8 +184,9 @@ class Trainer:
                   f"(data.skip_bad_records=true)", flush=True)
         self.tokenizer = _build_tokenizer(run, self.rank, splits)
         self.data = prepare_data(run.data, self.tokenizer, self.task, t.seed, splits=splits)
+        lengths = [len(ids) for ids in self.data.train["input_ids"]] if run.data.group_by_length else None
         self.plan = StepPlan(len(self.data.train), t.micro_batch_size,
-                             t.gradient_accumulation_steps, self.world, self.rank, t.seed)
+                             t.gradient_accumulation_steps, self.world, self.rank, t.seed, lengths)
         spe = self.plan.steps_per_epoch
         self.total_steps = t.max_steps or max(1, int(math.floor(t.num_epochs * spe)))
         num_labels = run.model.num_labels or self.data.num_labels or 2
