@@ -59,8 +59,8 @@ def _eval_worker(rank: int, world: int, port: int, argv: list[str], result_dir: 
     torch.set_num_threads(1)
     from goat_dist.eval.cli import main
     rc = main(argv)
-    with open(os.path.join(result_dir, f"rc{rank}"), "w") as f:
-        f.write(str(rc))
+    from tests.train_helpers import write_status
+    write_status(result_dir, rank, rc)
 
 
 def run_eval_ranks(argv: list[str], world: int, tmp_dir: Optional[str] = None,
@@ -70,7 +70,7 @@ def run_eval_ranks(argv: list[str], world: int, tmp_dir: Optional[str] = None,
 
     import torch.multiprocessing as mp
 
-    from tests.train_helpers import free_port
+    from tests.train_helpers import free_port, read_status
 
     result_dir = tempfile.mkdtemp(dir=tmp_dir)
     ctx = mp.start_processes(_eval_worker, args=(world, free_port(), argv, result_dir),
@@ -81,6 +81,6 @@ def run_eval_ranks(argv: list[str], world: int, tmp_dir: Optional[str] = None,
     for rank, p in enumerate(ctx.processes):
         if p.is_alive():
             p.kill()
-        f = os.path.join(result_dir, f"rc{rank}")
-        rcs.append(int(open(f).read()) if os.path.isfile(f) else p.exitcode)
+        status = read_status(result_dir, rank)
+        rcs.append(p.exitcode if status is None else status)
     return rcs

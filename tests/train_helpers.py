@@ -44,9 +44,31 @@ def _worker(rank: int, world: int, port: int, argv: list[str], result_dir: str,
     if hook is not None:
         hook(rank)      # a test's fault injection (NaN, signal, kill, sleep), in this rank
     rc = load_launch_module().main(argv)
-    with open(os.path.join(result_dir, f"rc{rank}"), "w") as f:
-        f.write(str(rc))
+    write_status(result_dir, rank, rc)
     leave_process_group_and_exit(rc)     # the process exits with main()'s status, as launched
+
+
+def write_status(result_dir: str, rank: int, rc: int) -> None:
+    """Record ``rank``'s main() status for the parent, atomically (temporary file, then rename).
+
+    Why atomic: once one rank dies, the parent SIGKILLs the others, as a launcher does, and a
+    rank killed between opening its status file and writing it used to leave an empty file
+    behind (CI once failed on ``int('')``). With the rename, the file either holds the whole
+    status or is absent, and an absent file means the process's own exit code is used.
+    """
+    path = os.path.join(result_dir, f"rc{rank}")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(rc))
+    os.replace(path + ".tmp", path)
+
+
+def read_status(result_dir: str, rank: int) -> Optional[int]:
+    """The status ``write_status`` recorded for ``rank``, or None when it recorded none."""
+    path = os.path.join(result_dir, f"rc{rank}")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(f.read())
 
 
 def leave_process_group_and_exit(status: int = 0) -> None:
@@ -107,10 +129,9 @@ def run_train_ranks(argv: list[str], world: int = 1, tmp_dir: Optional[str] = No
         p.join()
     rcs: list[Optional[int]] = []
     for rank, p in enumerate(procs):
-        rc_file = os.path.join(result_dir, f"rc{rank}")
-        if os.path.isfile(rc_file):
-            with open(rc_file) as f:
-                rcs.append(int(f.read()))
+        status = read_status(result_dir, rank)
+        if status is not None:
+            rcs.append(status)
             continue
         rcs.append(p.exitcode)
         err = ctx.error_files[rank]
