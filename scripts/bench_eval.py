@@ -7,11 +7,15 @@ prompt) with the same model, side by side in one process, A and B alternating pe
 
 * ``old``: the hand-written scorer the trainer used before lm-eval (kept here, verbatim, as the
   baseline): one padded forward per batch of ``--old_batch_size`` candidates, in record order.
-* ``new``: goat_dist/eval (lm-eval's HFLM: length-sorted batches of ``--batch_size`` requests).
+* ``new``: goat_dist/eval (lm-eval's HFLM: length-sorted batches of ``--batch_size`` requests,
+  each context run once for all its options: goat_dist/eval/prefix.py), in fp32 and, where the
+  CPU has native bf16, in bf16 (``launch/evaluate.py``'s default dtype there).
 
 Prints records/s of each (median over repetitions), and as the last line JSON with ``speedup``
-(new fp32 / old fp32), ``speedup_bf16`` (new in bf16 / old fp32, when the CPU has native bf16) and
-``agreement`` (fraction of records whose predicted option is the same, both in fp32).
+(the new evaluator at its default dtype / the old scorer in fp32: what a user gets by switching),
+``speedup_fp32`` (both in fp32: the same arithmetic, so only the method differs), ``agreement``
+(fraction of records whose predicted option is the same, both in fp32) and, with bf16,
+``agreement_bf16_vs_fp32``.
 
     python scripts/bench_eval.py                         # SmolLM2, 8 records per task, ~ minutes
     python scripts/bench_eval.py --per_task 30 --reps 3
@@ -149,12 +153,14 @@ def main() -> None:
         print(f"{k:9s} {v:7.2f} records/s  (median of {len(times[k])}: {statistics.median(times[k]):.1f} s)")
     out = {"records": len(records), "per_task": args.per_task, "reps": args.reps,
            "old_records_per_s": round(rate["old"], 3), "new_records_per_s": round(rate["new"], 3),
-           "speedup": round(rate["new"] / rate["old"], 2), "agreement": round(agree, 4),
+           "speedup_fp32": round(rate["new"] / rate["old"], 2), "agreement": round(agree, 4),
            "cpu": cpu_model(), "loadavg": [round(x, 2) for x in load],
            "threads": torch.get_num_threads()}
+    default = "new_bf16" if "new_bf16" in rate else "new"    # what launch/evaluate.py picks
+    out["default_dtype"] = "bfloat16" if default == "new_bf16" else "float32"
+    out["speedup"] = round(rate[default] / rate["old"], 2)
     if "new_bf16" in rate:
         out["new_bf16_records_per_s"] = round(rate["new_bf16"], 3)
-        out["speedup_bf16"] = round(rate["new_bf16"] / rate["old"], 2)
         out["agreement_bf16_vs_fp32"] = round(
             sum(a == b for a, b in zip(preds["new_bf16"], preds["new"])) / len(records), 4)
     print(json.dumps(out))
