@@ -30,7 +30,9 @@ Phases:
             unit that the sweep already trained (same method, lr, seed) is not trained again.
 
 Resuming: every trained adapter lives in <study-dir>/runs/<method>_lr<lr>_s<seed>/ (see
-goat_dist/study/units.py). A rerun skips finished stages, resumes interrupted training from its
+goat_dist/study/units.py). A study folder under results/ can be committed as it fills (the
+repository ignores its weights, logs and checkpoints) and continued from a fresh clone: a unit
+whose evaluation is done is skipped, one that still needs its lost adapter is trained again. A rerun skips finished stages, resumes interrupted training from its
 last checkpoint, and reruns failed evaluations; results.csv / results.md are rewritten after
 every unit, so partial tables can be committed while a long study runs. <study-dir>/study.json
 records the settings every unit shares; a rerun with other settings is refused.
@@ -266,6 +268,10 @@ def plan(args, variants: list[Variant], best: dict[str, float]) -> tuple[list[Un
             lr = lrs[0] if len(lrs) == 1 else best.get(v.name if v.name in swept else v.family)
             if lr is not None:
                 final.append(Unit(v, lr, s, "final", "test"))
+    # final units the sweep trained go first: their adapters are on disk now, while a study
+    # folder committed without weights and continued elsewhere would have to train them again
+    trained = {u.run_id for u in sweep}
+    final.sort(key=lambda u: u.run_id not in trained)      # stable: seed-major otherwise
     return sweep, final
 
 

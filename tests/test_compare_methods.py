@@ -105,5 +105,24 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     for png in ("loss_curves.png", "accuracy.png"):
         with open(os.path.join(d, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the folder as a fresh clone of a committed study holds it (results/.gitignore): no
+    # checkpoints, no adapter export. Its evaluation is done, so nothing reruns ...
+    import shutil
+    train = os.path.join(run, "train")
+    for heavy in ("checkpoints", "adapter"):
+        shutil.rmtree(os.path.join(train, heavy))
+    assert cm.main(argv) == 0
+    assert os.stat(results).st_mtime_ns == mtimes[0]
+    assert not os.path.exists(os.path.join(train, "adapter"))
+    # ... but an evaluation still to do needs the adapter: the unit trains again, from scratch
+    shutil.rmtree(os.path.join(run, "eval_test"))
+    assert cm.main(argv) == 0
+    summary = json.load(open(os.path.join(train, "summary.json")))
+    assert summary["finished"] is True and summary["resumed_from"] is None
+    unit = json.load(open(os.path.join(run, "unit.json")))
+    assert unit["train"]["attempts"] == 1 and unit["eval"]["test"]["status"] == "ok"
+    assert os.path.isfile(os.path.join(train, "adapter", "adapter_model.safetensors"))
+
     # other settings in the same folder are refused: rows would not be comparable
     assert cm.main([a if a != "4" else "3" for a in argv]) == 2

@@ -11,6 +11,12 @@ A unit's folder::
 One trained adapter can be evaluated on several sets (the learning-rate sweep's best run is
 also a seed of the final table) without training it again.
 
+A study folder may be committed without its weights (results/.gitignore keeps the numbers,
+summaries and unit records, not checkpoints or adapters), so a long study can span machines and
+fresh clones. A unit whose training finished but whose adapter export is gone is therefore
+skipped when its evaluation is done too, and trained again from scratch when an evaluation
+still needs the adapter (training is deterministic for a given seed, tests/test_train_distributed.py).
+
 Unlike scripts/scaling_study.py's points (which are rerun from scratch so that throughput covers
 one whole run), a unit resumes: what matters here is the trained adapter's accuracy, and resume
 is exact (tests/test_train_distributed.py), so an interrupted hour of training is not thrown
@@ -85,6 +91,13 @@ def eval_finished(eval_dir: str) -> bool:
     return read_json(os.path.join(eval_dir, "eval_results.json")) is not None
 
 
+def adapter_exported(train_dir: str) -> bool:
+    """Whether the run's final adapter export (``<train_dir>/adapter``) is on disk."""
+    from ..adapter_io import WEIGHTS_NAME
+    from ..train.checkpoint import ADAPTER_DIR
+    return os.path.isfile(os.path.join(train_dir, ADAPTER_DIR, WEIGHTS_NAME))
+
+
 def _stage_from(saved: Optional[dict]) -> StageRecord:
     rec = StageRecord()
     if saved:
@@ -153,10 +166,16 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
 
     if train_cmd is None:
         res.train.status = "done"
-    elif is_finished(res.train_dir):
+    elif is_finished(res.train_dir) and (eval_finished(res.eval_dir)
+                                         or adapter_exported(res.train_dir)):
         res.train.status = "done"
         log(f"{tag}: training finished earlier, skipped")
     else:
+        if is_finished(res.train_dir):
+            log(f"{tag}: training finished earlier but its adapter export is gone (a study "
+                f"folder committed without weights?) and evaluation needs it: training again "
+                f"from scratch")
+            res.train = StageRecord()       # a new run: its time is not added to the lost one
         how = "resuming" if res.train.attempts else "training"
         log(f"{tag}: {how}; logs in {unit_dir}/train_log/")
         _run_stage(res.train, train_cmd, env, res.train_dir, os.path.join(unit_dir, "train_log"),
