@@ -2,7 +2,7 @@
 
 ``GoatHFLM`` is lm-eval's own ``HFLM`` given a model instance (a transformers model, or a
 GoatModel that wraps one), so batching, length sorting, generation and metrics are the
-library's. Three things are added:
+library's. Four things are added:
 
 * **Data parallel over an explicit torch.distributed group.** HFLM only shards requests when it
   loads the model itself under ``accelerate launch``; given an instance it assumes one process.
@@ -18,13 +18,16 @@ library's. Three things are added:
 * **Shared-prefix log-likelihoods** (goat_dist/eval/prefix.py, off under lockstep): the options of
   a multiple-choice record share their context, which then runs through the model once instead of
   once per option; same numbers within fp32 rounding.
+* **Near ties scored again in float32** (goat_dist/eval/near_ties.py): in a bf16 evaluation, the
+  records whose best two options are within the rounding error are rescored by a float32 copy
+  of the model, so bf16 picks fp32's option wherever rounding could have changed it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -193,7 +196,8 @@ def _hflm_class():
         """HFLM on a model instance, data-parallel over ``group`` (see the module docstring)."""
 
         def __init__(self, model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None,
-                     group=None, synced_gpus: bool = False, max_gen_toks: int = 256):
+                     group=None, synced_gpus: bool = False, max_gen_toks: int = 256,
+                     fp32_model: Optional[Callable[[], Any]] = None, rescore_margin: float = 0.0):
             # logits_cache merges single-token continuations that share a context into one row,
             # so the number of forwards would depend on the rank's documents: off under lockstep
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
@@ -201,6 +205,9 @@ def _hflm_class():
             self._group = group
             self._synced_gpus = synced_gpus
             self._max_gen_toks = max_gen_toks
+            self._fp32_model = fp32_model
+            self._rescore_margin = rescore_margin
+            self.rescored = {"records": 0, "requests": 0, "of_requests": 0}
             if dist.is_available() and dist.is_initialized():
                 self._rank = dist.get_rank(group)
                 self._world_size = dist.get_world_size(group)
@@ -230,6 +237,34 @@ def _hflm_class():
         def barrier(self):
             if self.world_size > 1:
                 dist.barrier(group=self._group)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            """lm-eval's scoring, then the near-tie records (goat_dist/eval/near_ties.py) scored
+            again in float32 when a float32 model was given: only those can differ from an fp32
+            evaluation. Not under lockstep (ranks would run different numbers of forwards)."""
+            results = super().loglikelihood(requests, disable_tqdm)
+            self.rescored["of_requests"] += len(requests)
+            if self._fp32_model is None or self._rescore_margin <= 0 or self._synced_gpus:
+                return results
+            from .near_ties import near_tie_indices
+
+            idx = near_tie_indices([(r.task_name, r.doc_id) for r in requests],
+                                   [r.args[1] for r in requests], [ll for ll, _ in results],
+                                   self._rescore_margin)
+            if not idx:
+                return results
+            reduced = self._model
+            self._model = self._fp32_model()
+            try:
+                again = super().loglikelihood([requests[i] for i in idx], disable_tqdm=True)
+            finally:
+                self._model = reduced
+            for i, r in zip(idx, again):
+                results[i] = r
+            self.rescored["requests"] += len(idx)
+            self.rescored["records"] += len({(requests[i].task_name, requests[i].doc_id)
+                                             for i in idx})
+            return results
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             """Shared-prefix scoring (goat_dist/eval/prefix.py): each context runs once for all of
@@ -265,7 +300,16 @@ def _hflm_class():
 
 
 def make_lm(model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None, group=None,
-            synced_gpus: bool = False):
-    """lm-eval's HF wrapper over ``model`` (see GoatHFLM)."""
+            synced_gpus: bool = False, fp32_model: Optional[Callable[[], Any]] = None,
+            rescore_margin: float = 0.0):
+    """lm-eval's HF wrapper over ``model`` (see GoatHFLM).
+
+    Args:
+        fp32_model: for a reduced-precision ``model``: a callable returning the same model in
+            float32 (called once, only if some record is a near tie), used to score again the
+            records whose best two options are within ``rescore_margin`` nats.
+        rescore_margin: nats; 0 turns rescoring off.
+    """
     return _hflm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length,
-                         group=group, synced_gpus=synced_gpus)
+                         group=group, synced_gpus=synced_gpus, fp32_model=fp32_model,
+                         rescore_margin=rescore_margin)
