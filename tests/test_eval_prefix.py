@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from goat_dist import GoatConfig, get_goat_model
 from goat_dist.eval.lm import make_lm
-from goat_dist.eval.prefix import prefix_and_continuation, score_requests
+from goat_dist.eval.prefix import (
+    MIN_SHARED_HEAD,
+    prefix_and_continuation,
+    score_requests,
+    shared_head_length,
+)
 
 VOCAB = 97
 
@@ -54,22 +59,26 @@ def oracle(model, ctx, cont, max_length):
     return float(logp.gather(-1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())
 
 
-def requests(seed: int):
-    """Records of 1-5 options over a shared context, continuations of 1-6 tokens, plus a request
-    whose continuation repeats the context (greedy flags must then come out True somewhere)."""
+def requests(seed: int, head: int = 0):
+    """Records of 1-5 options over a shared context, continuations of 1-6 tokens; with ``head``,
+    every context starts with the same ``head`` tokens (a prompt template's preamble)."""
     rng = random.Random(seed)
+    preamble = [rng.randrange(1, VOCAB) for _ in range(head)]
     out = []
     for _ in range(14):
-        ctx = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 40))]
+        ctx = preamble + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 40))]
         for _ in range(rng.randrange(1, 6)):
             out.append((ctx, [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 7))]))
     rng.shuffle(out)
     return out
 
 
+@pytest.mark.parametrize("head", [0, MIN_SHARED_HEAD + 4])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_equals_one_full_forward_per_request(model, batch_size):
-    reqs = requests(batch_size)
+def test_equals_one_full_forward_per_request(model, batch_size, head):
+    """Also with a shared preamble (run once per batch, its cache copied per context, padding
+    between it and each context's own tokens)."""
+    reqs = requests(batch_size, head)
     got = score_requests(model, reqs, max_length=256, batch_size=batch_size, pad_id=0,
                          device=torch.device("cpu"))
     for (ctx, cont), (lp, greedy) in zip(reqs, got):
@@ -117,3 +126,10 @@ def test_lm_eval_wrapper_prefix_path_equals_its_lockstep_path(model):
     slow = make_lm(model, tok, batch_size=4, synced_gpus=True)._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert [g for _, g in fast] == [g for _, g in slow]
     assert [lp for lp, _ in fast] == pytest.approx([lp for lp, _ in slow], abs=1e-4)
+
+
+def test_shared_head_length_leaves_every_context_its_last_token():
+    assert shared_head_length([(1, 2, 3, 4), (1, 2, 3, 5, 6)]) == 3
+    assert shared_head_length([(1, 2, 3), (1, 2, 3, 4)]) == 2     # (1, 2, 3) keeps its 3
+    assert shared_head_length([(1, 2), (3, 2)]) == 0
+    assert shared_head_length([(1, 2, 3)]) == 0                   # one context: nothing to share

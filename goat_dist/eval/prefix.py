@@ -7,10 +7,17 @@ which an eos after the option defeats), so a 4-option ARC record costs four forw
 ~200-token Alpaca prompt. Here the context runs once, its key/value cache is copied to one row per
 option, and only the continuation tokens run again:
 
-    pass 1 (prefix)        [G, Lp]     left-padded contexts of G groups -> KV cache + the logits at
-                                       each context's last token (they score continuation token 0)
+    pass 0 (shared head)   [1, H]      the tokens every context of the batch starts with (the
+                                       Alpaca preamble: ~26 of the LLM-Adapters prompts' ~90
+                                       tokens), once per batch, when there are >= MIN_SHARED_HEAD
+    pass 1 (prefix)        [G, Lp]     left-padded contexts of G groups (after the head, over its
+                                       cache copied per group) -> KV cache + the logits at each
+                                       context's last token (they score continuation token 0)
     pass 2 (continuations) [R, Lc - 1] R = the requests with >= 2 continuation tokens, each over
                                        its group's cached prefix -> logits for tokens 1..Lc-1
+
+With a shared head, pass 1's padding sits between the head and each context's own tokens; the
+attention mask hides it and explicit position ids keep every real token at its true position.
 
 The numbers are lm-eval's (same truncation window, same sum of token log-probs, same greedy test):
 only the order of floating-point operations differs, within fp32 rounding. Tasks, request building,
@@ -27,6 +34,23 @@ import torch
 import torch.nn.functional as F
 
 Request = tuple[Sequence[int], Sequence[int]]   # (context tokens, continuation tokens)
+
+# A shared head shorter than this is not worth its extra (batch-1) forward; the standard-form
+# prompts share only "Question:", the LLM-Adapters ones the ~26-token Alpaca preamble.
+MIN_SHARED_HEAD = 8
+
+
+def shared_head_length(prefixes: Sequence[Sequence[int]]) -> int:
+    """Tokens every prefix starts with, leaving each at least its last token (its logits score
+    the continuation's first token, so that token must run in pass 1)."""
+    if len(prefixes) < 2:
+        return 0
+    limit = min(len(p) for p in prefixes) - 1
+    first = prefixes[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prefixes):
+        n += 1
+    return n
 
 
 def prefix_and_continuation(ctx: Sequence[int], cont: Sequence[int], max_length: int
@@ -95,15 +119,27 @@ def score_requests(model, requests: list[Request], max_length: int, batch_size: 
 
 def _score_batch(model, batch: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
                  pad_id: int, device: torch.device) -> list[tuple[int, tuple[float, bool]]]:
-    G, Lp = len(batch), max(len(p) for p, _ in batch)
+    G = len(batch)
+    H = shared_head_length([p for p, _ in batch])
+    H = H if H >= MIN_SHARED_HEAD else 0
+    head_cache = None
+    if H:                                                             # pass 0: the shared head once
+        head = torch.tensor([batch[0][0][:H]], device=device)
+        head_cache = model(input_ids=head, attention_mask=torch.ones_like(head),
+                           position_ids=torch.arange(H, device=device)[None], use_cache=True,
+                           logits_to_keep=1).cache
+        head_cache.batch_repeat_interleave(G)
+    Lp = max(len(p) for p, _ in batch) - H
     ids = torch.full((G, Lp), pad_id, dtype=torch.long)
-    mask = torch.zeros((G, Lp), dtype=torch.long)
+    own = torch.zeros((G, Lp), dtype=torch.long)
     for g, (prefix, _) in enumerate(batch):        # left padding: every context ends at Lp - 1
-        ids[g, Lp - len(prefix):] = torch.tensor(prefix)
-        mask[g, Lp - len(prefix):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        ids[g, Lp - (len(prefix) - H):] = torch.tensor(prefix[H:])
+        own[g, Lp - (len(prefix) - H):] = 1
+    ids, own = ids.to(device), own.to(device)
+    pos = H + (own.cumsum(-1) - 1).clamp_min(0)
+    mask = torch.cat([torch.ones((G, H), dtype=torch.long, device=device), own], dim=1)  # [G, H + Lp]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1, **({"cache": head_cache} if H else {}))
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)          # [G, V]: scores token 0
 
     rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members if len(conts[i]) > 1]
@@ -119,7 +155,7 @@ def _score_batch(model, batch: list[tuple[tuple[int, ...], list[int]]], conts: l
         cache = out.cache
         cache.batch_select_indices(src)                               # one copy of the prefix per row
         cmask = cmask.to(device)
-        full_mask = torch.cat([mask[src], cmask], dim=1)              # [R, Lp + Lc]
+        full_mask = torch.cat([mask[src], cmask], dim=1)              # [R, H + Lp + Lc]
         cpos = mask[src].sum(-1, keepdim=True) + torch.arange(Lc, device=device)
         rest = model(input_ids=cids.to(device), attention_mask=full_mask, position_ids=cpos,
                      cache=cache, use_cache=True).logits
