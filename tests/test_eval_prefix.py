@@ -21,6 +21,7 @@ from goat_dist.eval.prefix import (
     MIN_SHARED_HEAD,
     prefix_and_continuation,
     score_requests,
+    shared_continuation,
     shared_head_length,
 )
 
@@ -59,26 +60,32 @@ def oracle(model, ctx, cont, max_length):
     return float(logp.gather(-1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())
 
 
-def requests(seed: int, head: int = 0):
+def requests(seed: int, head: int = 0, option_stem: bool = False):
     """Records of 1-5 options over a shared context, continuations of 1-6 tokens; with ``head``,
-    every context starts with the same ``head`` tokens (a prompt template's preamble)."""
+    every context starts with the same ``head`` tokens (a prompt template's preamble); with
+    ``option_stem``, a record's options start with the same 0-5 tokens (" the correct answer is
+    answer" before "1", "2" ...), some options being only that stem plus one token."""
     rng = random.Random(seed)
     preamble = [rng.randrange(1, VOCAB) for _ in range(head)]
     out = []
     for _ in range(14):
         ctx = preamble + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 40))]
+        stem = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(0, 6) if option_stem else 0)]
         for _ in range(rng.randrange(1, 6)):
-            out.append((ctx, [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 7))]))
+            own = rng.randrange(1, 4) if option_stem else rng.randrange(1, 7)
+            out.append((ctx, stem + [rng.randrange(1, VOCAB) for _ in range(own)]))
     rng.shuffle(out)
     return out
 
 
-@pytest.mark.parametrize("head", [0, MIN_SHARED_HEAD + 4])
+@pytest.mark.parametrize("head,stem", [(0, False), (MIN_SHARED_HEAD + 4, False), (0, True),
+                                       (MIN_SHARED_HEAD + 4, True)])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_equals_one_full_forward_per_request(model, batch_size, head):
+def test_equals_one_full_forward_per_request(model, batch_size, head, stem):
     """Also with a shared preamble (run once per batch, its cache copied per context, padding
-    between it and each context's own tokens)."""
-    reqs = requests(batch_size, head)
+    between it and each context's own tokens) and with options sharing their first tokens
+    (scored once per record in pass 1)."""
+    reqs = requests(batch_size, head, stem)
     got = score_requests(model, reqs, max_length=256, batch_size=batch_size, pad_id=0,
                          device=torch.device("cpu"))
     for (ctx, cont), (lp, greedy) in zip(reqs, got):
@@ -133,3 +140,27 @@ def test_shared_head_length_leaves_every_context_its_last_token():
     assert shared_head_length([(1, 2, 3), (1, 2, 3, 4)]) == 2     # (1, 2, 3) keeps its 3
     assert shared_head_length([(1, 2), (3, 2)]) == 0
     assert shared_head_length([(1, 2, 3)]) == 0                   # one context: nothing to share
+    assert shared_head_length([(1, 2, 3, 4), (1, 2, 3, 5, 6)], keep=[2, 1]) == 2
+
+
+def test_shared_continuation_leaves_every_option_a_token():
+    assert shared_continuation([[7, 8, 9, 1], [7, 8, 9, 2, 3]]) == [7, 8, 9]
+    assert shared_continuation([[7, 8], [7, 8, 9]]) == [7]                # [7, 8] keeps its 8
+    assert shared_continuation([[7, 8], [5, 8]]) == []
+    assert shared_continuation([[7, 8, 9]]) == []                         # one option
+
+
+def test_head_stops_before_a_context_whose_options_share_a_stem(model):
+    """Context A is a start of context B, and A's options share a stem that B continues with:
+    the batch's common head must still leave A's last context token in pass 1 (its logits score
+    the stem), not swallow it."""
+    rng = random.Random(3)
+    head = [rng.randrange(1, VOCAB) for _ in range(MIN_SHARED_HEAD + 2)]
+    a, b = head + [5], head + [5, 9, 9, 7]
+    reqs = [(a, [9, 9, 1]), (a, [9, 9, 2]), (b, [3]), (b, [4, 6])]
+    got = score_requests(model, reqs, max_length=256, batch_size=64, pad_id=0,
+                         device=torch.device("cpu"))
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        ref_lp, ref_greedy = oracle(model, ctx, cont, 256)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy

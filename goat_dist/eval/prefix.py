@@ -10,11 +10,13 @@ option, and only the continuation tokens run again:
     pass 0 (shared head)   [1, H]      the tokens every context of the batch starts with (the
                                        Alpaca preamble: ~26 of the LLM-Adapters prompts' ~90
                                        tokens), once per batch, when there are >= MIN_SHARED_HEAD
-    pass 1 (prefix)        [G, Lp]     left-padded contexts of G groups (after the head, over its
-                                       cache copied per group) -> KV cache + the logits at each
-                                       context's last token (they score continuation token 0)
-    pass 2 (continuations) [R, Lc - 1] R = the requests with >= 2 continuation tokens, each over
-                                       its group's cached prefix -> logits for tokens 1..Lc-1
+    pass 1 (prefix)        [G, Lp]     left-padded contexts of G groups, each followed by the
+                                       first tokens all its options share (" the correct answer
+                                       is answer"), after the head, over its cache copied per
+                                       group -> KV cache + the logits at the last K positions
+                                       (they score the shared tokens and each option's next one)
+    pass 2 (continuations) [R, Lc - 1] R = the requests with >= 2 tokens of their own left, each
+                                       over its group's cached prefix -> logits for the rest
 
 With a shared head, pass 1's padding sits between the head and each context's own tokens; the
 attention mask hides it and explicit position ids keep every real token at its true position.
@@ -40,12 +42,14 @@ Request = tuple[Sequence[int], Sequence[int]]   # (context tokens, continuation 
 MIN_SHARED_HEAD = 8
 
 
-def shared_head_length(prefixes: Sequence[Sequence[int]]) -> int:
-    """Tokens every prefix starts with, leaving each at least its last token (its logits score
-    the continuation's first token, so that token must run in pass 1)."""
+def shared_head_length(prefixes: Sequence[Sequence[int]], keep: Optional[Sequence[int]] = None
+                       ) -> int:
+    """Tokens every prefix starts with, leaving prefix g at least its last ``keep[g]`` tokens
+    (default 1): the positions whose logits score what follows must run in pass 1."""
     if len(prefixes) < 2:
         return 0
-    limit = min(len(p) for p in prefixes) - 1
+    keep = [1] * len(prefixes) if keep is None else keep
+    limit = min(len(p) - k for p, k in zip(prefixes, keep))
     first = prefixes[0]
     n = 0
     while n < limit and all(p[n] == first[n] for p in prefixes):
@@ -117,40 +121,69 @@ def score_requests(model, requests: list[Request], max_length: int, batch_size: 
     return results  # type: ignore[return-value]
 
 
+def shared_continuation(conts: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens all of a record's options start with (" the correct answer is answer" before
+    "1" / "2" ...), leaving each option at least one token of its own; none for one option."""
+    if len(conts) < 2:
+        return []
+    limit = min(len(c) for c in conts) - 1
+    n = 0
+    while n < limit and all(c[n] == conts[0][n] for c in conts):
+        n += 1
+    return list(conts[0][:n])
+
+
 def _score_batch(model, batch: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
                  pad_id: int, device: torch.device) -> list[tuple[int, tuple[float, bool]]]:
     G = len(batch)
-    H = shared_head_length([p for p, _ in batch])
+    # the options' common first tokens join their context in pass 1 (scored there, once per
+    # record); pass 2 runs only each option's own tokens
+    shared = [shared_continuation([conts[i] for i in members]) for _, members in batch]
+    ext = [tuple(prefix) + tuple(u) for (prefix, _), u in zip(batch, shared)]
+    tail = {i: conts[i][len(u):] for (_, members), u in zip(batch, shared) for i in members}
+    K = 1 + max(len(u) for u in shared)        # pass-1 logits kept: the shared tokens' + the next
+    # the head may not reach a context's last token: its logits score what follows the context
+    H = shared_head_length(ext, keep=[len(u) + 1 for u in shared])
     H = H if H >= MIN_SHARED_HEAD else 0
     head_cache = None
     if H:                                                             # pass 0: the shared head once
-        head = torch.tensor([batch[0][0][:H]], device=device)
+        head = torch.tensor([ext[0][:H]], device=device)
         head_cache = model(input_ids=head, attention_mask=torch.ones_like(head),
                            position_ids=torch.arange(H, device=device)[None], use_cache=True,
                            logits_to_keep=1).cache
         head_cache.batch_repeat_interleave(G)
-    Lp = max(len(p) for p, _ in batch) - H
+    Lp = max(len(p) for p in ext) - H
     ids = torch.full((G, Lp), pad_id, dtype=torch.long)
     own = torch.zeros((G, Lp), dtype=torch.long)
-    for g, (prefix, _) in enumerate(batch):        # left padding: every context ends at Lp - 1
+    for g, prefix in enumerate(ext):               # left padding: every context ends at Lp - 1
         ids[g, Lp - (len(prefix) - H):] = torch.tensor(prefix[H:])
         own[g, Lp - (len(prefix) - H):] = 1
     ids, own = ids.to(device), own.to(device)
     pos = H + (own.cumsum(-1) - 1).clamp_min(0)
     mask = torch.cat([torch.ones((G, H), dtype=torch.long, device=device), own], dim=1)  # [G, H + Lp]
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1, **({"cache": head_cache} if H else {}))
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)          # [G, V]: scores token 0
+                logits_to_keep=K, **({"cache": head_cache} if H else {}))
+    logp1 = F.log_softmax(out.logits.float(), dim=-1)                 # [G, K, V], last K positions
+    first = logp1[:, -1]                                              # [G, V]: scores tail token 0
+    shared_score = []                                                 # per group: (log p, greedy)
+    for g, u in enumerate(shared):
+        if not u:
+            shared_score.append((0.0, True))
+            continue
+        lp = logp1[g, K - 1 - len(u):K - 1]                           # [len(u), V]
+        tgt = torch.tensor(u, device=lp.device)
+        shared_score.append((float(lp.gather(-1, tgt[:, None]).sum()),
+                             bool((lp.argmax(-1) == tgt).all())))
 
-    rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members if len(conts[i]) > 1]
+    rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members if len(tail[i]) > 1]
     rest = None                                                       # [R, Lc - 1, V]
     if rows:
-        Lc = max(len(conts[i]) for _, i in rows) - 1
+        Lc = max(len(tail[i]) for _, i in rows) - 1
         cids = torch.full((len(rows), Lc), pad_id, dtype=torch.long)
         cmask = torch.zeros((len(rows), Lc), dtype=torch.long)
         for r, (_, i) in enumerate(rows):
-            cids[r, :len(conts[i]) - 1] = torch.tensor(conts[i][:-1])
-            cmask[r, :len(conts[i]) - 1] = 1
+            cids[r, :len(tail[i]) - 1] = torch.tensor(tail[i][:-1])
+            cmask[r, :len(tail[i]) - 1] = 1
         src = torch.tensor([g for g, _ in rows], device=device)
         cache = out.cache
         cache.batch_select_indices(src)                               # one copy of the prefix per row
@@ -165,12 +198,13 @@ def _score_batch(model, batch: list[tuple[tuple[int, ...], list[int]]], conts: l
     answers = []
     for g, (_, members) in enumerate(batch):
         for i in members:
-            cont = conts[i]
-            logp = float(first[g, cont[0]])
-            greedy = int(first[g].argmax()) == cont[0]
-            if len(cont) > 1:
-                lp = rest[row_of[i], :len(cont) - 1]                   # [Lc_i - 1, V]
-                tgt = torch.tensor(cont[1:], device=lp.device)
+            t = tail[i]
+            logp, greedy = shared_score[g]
+            logp += float(first[g, t[0]])
+            greedy = greedy and int(first[g].argmax()) == t[0]
+            if len(t) > 1:
+                lp = rest[row_of[i], :len(t) - 1]                      # [Lt_i - 1, V]
+                tgt = torch.tensor(t[1:], device=lp.device)
                 logp += float(lp.gather(-1, tgt[:, None]).sum())
                 greedy = greedy and bool((lp.argmax(-1) == tgt).all())
             answers.append((i, (logp, greedy)))
