@@ -9,7 +9,8 @@ prompt) with the same model, side by side in one process, A and B alternating pe
   baseline): one padded forward per batch of ``--old_batch_size`` candidates, in record order.
 * ``new``: goat_dist/eval (lm-eval's HFLM: length-sorted batches of ``--batch_size`` requests,
   each context run once for all its options: goat_dist/eval/prefix.py), in fp32 and, where the
-  CPU has native bf16, in bf16 (``launch/evaluate.py``'s default dtype there).
+  CPU has native bf16, in bf16 (``launch/evaluate.py``'s default dtype there) with its near ties
+  rescored in fp32 at the default ``--rescore_margin``, as the CLI does.
 
 Prints records/s of each (median over repetitions), and as the last line JSON with ``speedup``
 (the new evaluator at its default dtype / the old scorer in fp32: what a user gets by switching),
@@ -96,13 +97,18 @@ def old_predictions(model, tokenizer, records, batch_size, max_length):
 
 # ------------------------------------------------------------------------------- the new evaluator
 
-def new_predictions(model, tokenizer, by_task, batch_size, max_length):
+def new_predictions(model, tokenizer, by_task, batch_size, max_length, fp32_model=None):
+    """The evaluator as launch/evaluate.py runs it; with ``fp32_model`` (a bf16 ``model``), its
+    near ties are rescored by that float32 model at the CLI's default margin."""
+    from goat_dist.eval.cli import RESCORE_MARGIN
     from goat_dist.eval.lm import make_lm
     from goat_dist.eval.results import predictions, run_evaluation
 
     tasks = build_tasks(list(by_task), eos_text=tokenizer.eos_token, records=by_task)
-    res = run_evaluation(make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length),
-                         tasks, log_samples=True)
+    lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length,
+                 fp32_model=(lambda: fp32_model) if fp32_model is not None else None,
+                 rescore_margin=RESCORE_MARGIN)
+    res = run_evaluation(lm, tasks, log_samples=True)
     out = []
     for name in by_task:
         p = predictions(res["samples"][name])
@@ -143,8 +149,11 @@ def main() -> None:
             if which == "old":
                 preds[which] = old_predictions(model, tok, records, args.old_batch_size, args.max_length)
             else:
+                # bf16 as the CLI runs it: near ties rescored by the fp32 model (already loaded
+                # here; the CLI loads its copy on first use, ~1 s for SmolLM2)
                 preds[which] = new_predictions(bf16 if which == "new_bf16" else model, tok, by_task,
-                                               args.batch_size, args.max_length)
+                                               args.batch_size, args.max_length,
+                                               fp32_model=model if which == "new_bf16" else None)
             times[which].append(time.perf_counter() - t0)
     rate = {k: len(records) / statistics.median(v) for k, v in times.items() if v}
     agree = sum(a == b for a, b in zip(preds["old"], preds["new"])) / len(records)
