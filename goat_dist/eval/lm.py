@@ -208,6 +208,7 @@ def _hflm_class():
             self._fp32_model = fp32_model
             self._rescore_margin = rescore_margin
             self.rescored = {"records": 0, "requests": 0, "of_requests": 0}
+            self._progress_desc = "Running loglikelihood requests"
             if dist.is_available() and dist.is_initialized():
                 self._rank = dist.get_rank(group)
                 self._world_size = dist.get_world_size(group)
@@ -255,10 +256,12 @@ def _hflm_class():
                 return results
             reduced = self._model
             self._model = self._fp32_model()
+            self._progress_desc = "Rescoring near ties in float32"
             try:
-                again = super().loglikelihood([requests[i] for i in idx], disable_tqdm=True)
+                again = super().loglikelihood([requests[i] for i in idx], disable_tqdm)
             finally:
                 self._model = reduced
+                self._progress_desc = "Running loglikelihood requests"
             for i, r in zip(idx, again):
                 results[i] = r
             self.rescored["requests"] += len(idx)
@@ -277,7 +280,7 @@ def _hflm_class():
             from .prefix import score_requests
 
             pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                        desc="Running loglikelihood requests")
+                        desc=self._progress_desc)
 
             def done(i, answer):
                 if requests[i][0] is not None:   # rolling windows are cached per document upstream
