@@ -11,9 +11,9 @@ A unit's folder::
 One trained adapter can be evaluated on several sets (the learning-rate sweep's best run is
 also a seed of the final table) without training it again.
 
-A study folder may be committed without its weights (results/.gitignore keeps the numbers,
-summaries and unit records, not checkpoints or adapters), so a long study can span machines and
-fresh clones. A unit whose training finished but whose adapter export is gone is therefore
+A study folder may be committed without its weights (for results/<study>/ the repository's
+.gitignore keeps the numbers, summaries and unit records, not checkpoints, adapters or logs), so a
+long study can span machines and fresh clones. A unit whose training finished but whose adapter export is gone is therefore
 skipped when its evaluation is done too, and trained again from scratch when an evaluation
 still needs the adapter (training is deterministic for a given seed, tests/test_train_distributed.py).
 
