@@ -1,5 +1,6 @@
 """Near-tie rescoring (goat_dist/eval/near_ties.py, GoatHFLM.loglikelihood): which records are near
-ties, and that a bf16 evaluation's rescored records carry exactly the float32 evaluation's numbers."""
+ties, and that a bf16 evaluation's rescored records carry the float32 evaluation's numbers (within
+fp32 rounding: the rescored requests are batched differently)."""
 
 from __future__ import annotations
 
