@@ -93,6 +93,14 @@ UNIT_KEYS = ("goat.num_experts", "goat.top_k", "goat.init", "optim.lr", "train.s
              "train.stop_after_steps")
 
 
+def in_repo(path: Optional[str]) -> Optional[str]:
+    """``path`` relative to the repository when it lies inside it (machine-independent), else as is."""
+    if path is None:
+        return None
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
 def log(msg: str) -> None:
     _log(msg, "compare_methods")
 
@@ -343,9 +351,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "final_units": len(final), "study_dir": study_dir}))
         return 0
 
-    settings = {"config": args.config, "config_sha256": sha256_of(args.config),
-                "ds_config": args.ds_config, "ds_config_sha256": sha256_of(args.ds_config),
-                "procs": args.procs, "overrides": list(args.overrides), "model": args.model,
+    # paths relative to the repository, so a committed study folder continues from any clone
+    settings = {"config": in_repo(args.config), "config_sha256": sha256_of(args.config),
+                "ds_config": in_repo(args.ds_config),
+                "ds_config_sha256": sha256_of(args.ds_config),
+                "procs": args.procs, "overrides": list(args.overrides), "model": in_repo(args.model),
                 "metric": args.metric, "limit": args.limit, "eval_dtype": args.eval_dtype,
                 "val_tasks": args.val_tasks, "test_tasks": args.test_tasks,
                 "val_file_sha256": sha256_of(args.val_file) if sweep else None}
@@ -432,8 +442,8 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
                          if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
     val_tasks = sorted({k for r in rows if r["eval"] == "val" for k in r
                         if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
-    parts = [f"# Method comparison\n\nconfig `{args.config}`, DeepSpeed "
-             f"`{args.ds_config or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
+    parts = [f"# Method comparison\n\nconfig `{in_repo(args.config)}`, DeepSpeed "
+             f"`{in_repo(args.ds_config) or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
              f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
              f"mean ± std over seeds; updated {time.strftime('%Y-%m-%d %H:%M')}.\n"]
     table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric)
