@@ -147,3 +147,34 @@ def test_bf16_model_keeps_an_fp32_output_head(tmp_path):
     assert resolve_dtype("float32") == torch.float32
     with pytest.raises(EvalInputError):
         resolve_dtype("int8")
+
+
+def test_bf16_model_computes_its_adapter_in_bf16_and_routes_in_fp32(tmp_path):
+    """A bf16 evaluation runs the GOAT experts in bf16 (not the float32 they are saved in: that
+    made every adapted layer cast up and ran a forward 1.4x slower), keeps the router in fp32 and
+    stays within bf16 rounding of the fp32 model; a float32 evaluation keeps float32."""
+    from transformers import AutoModelForCausalLM
+
+    from goat_dist import GoatConfig, get_goat_model
+    from goat_dist.eval.lm import load_model
+    from goat_dist.layer import GoatLinear
+
+    folder = build_tiny_model_folder(str(tmp_path / "tiny"))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    get_goat_model(base, GoatConfig(r=8, lora_alpha=16, num_experts=4, top_k=2, init="goat",
+                                    target_modules=["q_proj", "v_proj", "up_proj"])
+                   ).save_pretrained(str(tmp_path / "adapter"))
+    m16, tok, _ = load_model(folder, str(tmp_path / "adapter"), torch.bfloat16)
+    m32, _, _ = load_model(folder, str(tmp_path / "adapter"), torch.float32)
+    for m, dt in ((m16, torch.bfloat16), (m32, torch.float32)):
+        layers = [mod for mod in m.modules() if isinstance(mod, GoatLinear)]
+        assert len(layers) == 3 * 2                            # tiny llama: 2 layers
+        for lin in layers:
+            assert lin.lora_A.dtype == lin.lora_B.dtype == dt
+            assert lin.res_A.dtype == lin.res_B.dtype == dt
+            assert lin.lora_router.weight.dtype == torch.float32
+    ids = torch.tensor([tok("Question: is the sky blue?\nAnswer: yes")["input_ids"]])
+    with torch.no_grad():
+        l16, l32 = m16(ids).logits, m32(ids).logits
+    assert (l16 - l32).abs().max() < 0.05

@@ -115,8 +115,8 @@ def resolve_adapter_dir(path: str) -> str:
 def load_model(model_dir: str, adapter: Optional[str], dtype: torch.dtype):
     """(model, tokenizer, adapter_dir) for evaluation, nothing downloaded.
 
-    The base model is loaded in ``dtype``; a goat_dist adapter is injected on top of it (its
-    factors are cast to the base dtype by GoatLinear's forward like in training).
+    The base model is loaded in ``dtype``; a goat_dist adapter is injected on top of it and its
+    experts computed in ``dtype`` too (``adapter_compute_dtype``), its router in float32.
 
     Raises:
         EvalInputError: a missing/unloadable model folder, or an adapter that does not fit it
@@ -156,10 +156,37 @@ def load_model(model_dir: str, adapter: Optional[str], dtype: torch.dtype):
             model = load_adapter(model, adapter_dir)
         except AdapterLoadError as e:
             raise EvalInputError(f"{e} (base model: {model_dir!r})") from None
+        adapter_compute_dtype(model, dtype)
     if dtype != torch.float32:
         fp32_output_head(model)
     model.eval()
     return model, tokenizer, adapter_dir
+
+
+def adapter_compute_dtype(model, dtype: torch.dtype) -> None:
+    """Compute every GoatLinear's experts (A, B and the frozen residual correction) in ``dtype``.
+
+    Why: load_adapter keeps the factors in float32, and GoatLinear computes in its factors'
+    dtype, so in a bf16 evaluation every adapted layer cast its base output up to float32 and ran
+    the rank-2r expert GEMMs there: SmolLM2 + a GOAT adapter (r 32, E 8, q/k/v/up/down) ran a
+    forward 1.7x slower than the bare bf16 model, against 1.3x with the experts in bf16
+    (docs/BENCHMARKS.md, "Evaluator"). A bf16-trained adapter ran in bf16 in training as well.
+    The router stays float32: top-k is a discrete choice, and a bf16 router would flip the
+    expert of tokens whose two best experts are near equal, for little speed.
+    """
+    import torch.nn as nn
+
+    from ..layer import GoatLinear
+
+    for mod in model.modules():
+        if not isinstance(mod, GoatLinear):
+            continue
+        for name in ("lora_A", "lora_B"):
+            p = getattr(mod, name)
+            setattr(mod, name, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+        for name in ("res_A", "res_B"):
+            if getattr(mod, name) is not None:
+                setattr(mod, name, getattr(mod, name).to(dtype))
 
 
 def fp32_output_head(model) -> None:
