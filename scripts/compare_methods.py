@@ -403,8 +403,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return row
 
     def flush() -> None:
+        # tables and plots after every unit: a study spread over days is committed as it fills
         write_csv(os.path.join(study_dir, "results.csv"), rows)
         write_markdown(study_dir, rows, args, chosen)
+        plot(study_dir, rows, curves, bool(args.expert_grid))
 
     chosen: dict[str, float] = {}
     for i, u in enumerate(sweep, 1):
