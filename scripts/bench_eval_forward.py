@@ -17,7 +17,7 @@ adapter of configs/smollm2_std.yaml at its SVD initialisation (r 32, E 8, k 2, q
 the cost does not depend on the trained values.
 
     python scripts/bench_eval_forward.py                       # SmolLM2, ~2 minutes
-    python scripts/bench_eval_forward.py --adapter results/compare_methods/runs/goat_lr0.0002_s0/train
+    OMP_NUM_THREADS=1 python scripts/bench_eval_forward.py --adapter outputs/smollm2_commonsense
 """
 
 from __future__ import annotations

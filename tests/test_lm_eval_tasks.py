@@ -151,7 +151,7 @@ def test_bf16_model_keeps_an_fp32_output_head(tmp_path):
 
 def test_bf16_model_computes_its_adapter_in_bf16_and_routes_in_fp32(tmp_path):
     """A bf16 evaluation runs the GOAT experts in bf16 (not the float32 they are saved in: that
-    made every adapted layer cast up and ran a forward 1.4x slower), keeps the router in fp32 and
+    made every adapted layer cast up and ran a SmolLM2 forward 1.15x slower), keeps the router in fp32 and
     stays within bf16 rounding of the fp32 model; a float32 evaluation keeps float32."""
     from transformers import AutoModelForCausalLM
 

@@ -168,9 +168,10 @@ def adapter_compute_dtype(model, dtype: torch.dtype) -> None:
 
     Why: load_adapter keeps the factors in float32, and GoatLinear computes in its factors'
     dtype, so in a bf16 evaluation every adapted layer cast its base output up to float32 and ran
-    the rank-2r expert GEMMs there: SmolLM2 + a GOAT adapter (r 32, E 8, q/k/v/up/down) ran a
-    forward 1.7x slower than the bare bf16 model, against 1.3x with the experts in bf16
-    (docs/BENCHMARKS.md, "Evaluator"). A bf16-trained adapter ran in bf16 in training as well.
+    the rank-2r expert GEMMs there: with SmolLM2 + a GOAT adapter (r 32, E 8, q/k/v/up/down) a
+    scoring forward cost 1.45x the bare bf16 model's, against 1.26x with the experts in bf16
+    (scripts/bench_eval_forward.py, docs/BENCHMARKS.md). A bf16 training run computes them in
+    bf16 as well.
     The router stays float32: top-k is a discrete choice, and a bf16 router would flip the
     expert of tokens whose two best experts are near equal, for little speed.
     """
