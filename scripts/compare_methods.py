@@ -35,7 +35,9 @@ repository ignores its weights, logs and checkpoints) and continued from a fresh
 whose evaluation is done is skipped, one that still needs its lost adapter is trained again. A rerun skips finished stages, resumes interrupted training from its
 last checkpoint, and reruns failed evaluations; results.csv / results.md are rewritten after
 every unit, so partial tables can be committed while a long study runs. <study-dir>/study.json
-records the settings every unit shares; a rerun with other settings is refused.
+records the settings every unit shares; a rerun with other settings is refused. Training and
+evaluation run from the repository root, so the config's paths (and --set's) are read from
+there, and a folder inside the repository records only repository-relative paths.
 ``--stop-after-steps N`` ends every training invocation at global step N with a checkpoint (a
 run then shows as ``stopped``): for a job with a time limit; rerun without it to continue.
 
@@ -160,12 +162,21 @@ def variants_of(args: argparse.Namespace) -> list[Variant]:
 
 
 # ---------------------------------------------------------------------------- commands
+# Commands run from the repository root (run_unit's cwd=ROOT) with paths relative to it where
+# they lie inside it: what the trainer and evaluator record (unit.json's commands, summary.json's
+# output_dir, eval_results.json's adapter) then names no path of this machine, so a study folder
+# under results/ is committed as it is and continues from a clone anywhere.
+def python_cmd(procs: int) -> list[str]:
+    py = in_repo(sys.executable)
+    return ([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+            if procs > 1 else [py])
+
+
 def train_cmd(args, unit: Unit, run_dir: str) -> list[str]:
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(args.procs)] if args.procs > 1 else [sys.executable])
-    cmd += [TRAIN_SCRIPT, "--config", args.config]
-    cmd += ["--ds_config", args.ds_config] if args.ds_config else []
-    cmd += ["--output_dir", os.path.join(run_dir, "train")]
+    cmd = python_cmd(args.procs)
+    cmd += [in_repo(TRAIN_SCRIPT), "--config", in_repo(args.config)]
+    cmd += ["--ds_config", in_repo(args.ds_config)] if args.ds_config else []
+    cmd += ["--output_dir", in_repo(os.path.join(run_dir, "train"))]
     cmd += list(args.overrides) + unit.variant.overrides
     # resume=auto picks an interrupted run up from its checkpoint; overwrite_output_dir lets a
     # run that died before its first checkpoint start again in the same folder
@@ -177,16 +188,15 @@ def train_cmd(args, unit: Unit, run_dir: str) -> list[str]:
 
 
 def eval_cmd(args, unit: Unit, run_dir: str) -> list[str]:
-    procs = args.eval_procs
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(procs)] if procs > 1 else [sys.executable])
-    cmd += [EVAL_SCRIPT, "--model", args.model]
+    cmd = python_cmd(args.eval_procs)
+    cmd += [in_repo(EVAL_SCRIPT), "--model", in_repo(args.model)]
     if unit.variant.trains:
-        cmd += ["--adapter", os.path.join(run_dir, "train")]
+        cmd += ["--adapter", in_repo(os.path.join(run_dir, "train"))]
     tasks, data_dir = ((args.val_tasks, args.val_data_dir) if unit.eval_name == "val"
                        else (args.test_tasks, args.test_data_dir))
-    cmd += ["--tasks", *tasks, "--output_dir", os.path.join(run_dir, f"eval_{unit.eval_name}")]
-    cmd += ["--data_dir", data_dir] if data_dir else []
+    cmd += ["--tasks", *tasks,
+            "--output_dir", in_repo(os.path.join(run_dir, f"eval_{unit.eval_name}"))]
+    cmd += ["--data_dir", in_repo(data_dir)] if data_dir else []
     cmd += ["--limit", str(args.limit)] if args.limit else []
     cmd += ["--dtype", args.eval_dtype, "--batch_size", str(args.eval_batch_size)]
     return cmd
@@ -325,12 +335,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"compare_methods: error: {e}", file=sys.stderr)
         return 2
     args.base_lr = base.optim.lr
-    args.model = os.path.abspath(args.model or base.model.name_or_path or "")
+    # the config's paths are read from the repository root, where the commands run (train_cmd)
+    args.model = (os.path.abspath(args.model) if args.model
+                  else os.path.join(ROOT, base.model.name_or_path or ""))
     if not os.path.isdir(args.model):
         print(f"compare_methods: error: evaluation needs a model folder; {args.model!r} is not "
               f"one (set model.name_or_path in the config or pass --model)", file=sys.stderr)
         return 2
     args.val_file = os.path.abspath(args.val_file)
+    args.test_data_dir = args.test_data_dir and os.path.abspath(args.test_data_dir)
     args.val_data_dir = os.path.join(study_dir, "validation_data")
     variants = variants_of(args)
     # planning before the sweep has run: NaN stands for "the family's best learning rate"
@@ -360,11 +373,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "val_tasks": args.val_tasks, "test_tasks": args.test_tasks,
                 "val_file_sha256": sha256_of(args.val_file) if sweep else None}
     try:
-        lock = open_study_folder(study_dir, settings)  # noqa: F841 (held until exit)
+        lock = open_study_folder(study_dir, settings)
     except StudyFolderError as e:
         print(f"compare_methods: error: {e}", file=sys.stderr)
         return 2
+    # released on return or exception, not whenever the file object is collected: main() runs
+    # several times in one process (tests, notebooks) and a lingering lock reads as a busy folder
+    with lock:
+        return run_study(args, study_dir, variants, sweep)
 
+
+def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) -> int:
+    """The sweep, then the final units, in a locked study folder; the exit status of main()."""
     if sweep:
         split_by_source(args.val_file, args.val_data_dir)
     env = child_env(1)
@@ -378,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tcmd = train_cmd(args, u, run_dir) if u.variant.trains else None
         res = run_unit(u.run_id, run_dir, tcmd, eval_cmd(args, u, run_dir),
                        env if args.procs == 1 else env_multi, eval_name=u.eval_name,
-                       timeout_s=args.timeout, tag=tag)
+                       timeout_s=args.timeout, tag=tag, cwd=ROOT)
         results.append(res)
         row = {"phase": u.phase, "variant": u.variant.name, "run_id": u.run_id, "lr": u.lr,
                "seed": u.seed, "eval": u.eval_name}

@@ -126,3 +126,27 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
 
     # other settings in the same folder are refused: rows would not be comparable
     assert cm.main([a if a != "4" else "3" for a in argv]) == 2
+
+
+def test_commands_name_no_path_of_this_machine(cm):
+    """A study folder inside the repository (results/...) gets commands that run from the
+    repository root with repository-relative paths, so what the trainer and evaluator record in
+    it (unit.json's commands, summary.json's output_dir, eval_results.json's adapter) holds no
+    path of this machine; a folder outside the repository keeps absolute paths."""
+    import sys
+
+    args = cm.parse_args(["--config", os.path.join(cm.ROOT, "configs", "smollm2_std.yaml"),
+                          "--methods", "goat", "--eval-procs", "2"])
+    args.config, args.ds_config = os.path.abspath(args.config), os.path.abspath(args.ds_config)
+    args.model = os.path.join(cm.ROOT, "models", "SmolLM2-135M-Instruct")
+    args.test_data_dir, args.val_data_dir = None, os.path.join(cm.ROOT, "results", "s", "val")
+    unit = cm.Unit(cm.variants_of(args)[0], 2e-4, 0, "final", "test")
+    inside = os.path.join(cm.ROOT, "results", "s", "runs", unit.run_id)
+    cmds = cm.train_cmd(args, unit, inside) + cm.eval_cmd(args, unit, inside)
+    assert not [a for a in cmds if cm.ROOT in a], cmds
+    assert "results/s/runs/goat_lr0.0002_s0/train" in cmds
+    assert "configs/smollm2_std.yaml" in cmds and "launch/evaluate.py" in cmds
+    if sys.executable.startswith(cm.ROOT + os.sep):     # the repository's .venv (scripts/setup_env.sh)
+        assert cmds[0] == os.path.relpath(sys.executable, cm.ROOT)
+    outside = os.path.join(os.sep, "elsewhere", "runs", unit.run_id)
+    assert os.path.join(outside, "train") in cm.train_cmd(args, unit, outside)

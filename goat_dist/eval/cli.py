@@ -184,8 +184,10 @@ def evaluate_folder(args: argparse.Namespace) -> Optional[dict]:
     n_docs = {t: v.get("effective", v.get("original")) for t, v in res.get("n-samples", {}).items()}
     elapsed = time.time() - started
     out = {
-        "model": os.path.abspath(args.model),
-        "adapter": os.path.abspath(adapter_dir) if adapter_dir else None,
+        # as given, not made absolute: a results folder committed to a repository (the method
+        # study's) then names no path of the machine it ran on; adapter_sha256 pins the weights
+        "model": args.model,
+        "adapter": adapter_dir,
         "adapter_sha256": sha256_of_folder(adapter_dir) if adapter_dir else None,
         "dtype": str(dtype).replace("torch.", ""),
         "rescored_in_float32": None if dtype == torch.float32 else {

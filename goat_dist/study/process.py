@@ -176,9 +176,13 @@ def error_summary(stderr_text: str, tail_lines: int = 10) -> tuple[str, str]:
 
 
 def run_point(cmd: list[str], env: dict[str, str], out_dir: str, poll_s: float,
-              timeout_s: float) -> dict[str, Any]:
+              timeout_s: float, cwd: Optional[str] = None) -> dict[str, Any]:
     """Run one point's command with its output in ``out_dir``/{stdout,stderr}.log, measuring
-    peak memory from outside. Returns returncode, run_time_s, memory and timeout flag."""
+    peak memory from outside. Returns returncode, run_time_s, memory and timeout flag.
+
+    ``cwd``: the command's working directory (None: this process's); relative paths in ``cmd``,
+    its executable included, are read from there.
+    """
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     timed_out = False
@@ -187,7 +191,7 @@ def run_point(cmd: list[str], env: dict[str, str], out_dir: str, poll_s: float,
         # A session of its own: the whole tree (torchrun + workers) can be stopped as a group
         # on a timeout or Ctrl-C without touching anything else.
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+                                cwd=cwd, start_new_session=True)
         mem = TreeMemory(proc.pid)
         stop_at = None     # when SIGTERM went out (timeout), to escalate to SIGKILL
         try:

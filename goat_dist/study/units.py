@@ -109,11 +109,12 @@ def _stage_from(saved: Optional[dict]) -> StageRecord:
 
 
 def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: str,
-               log_dir: str, poll_s: float, timeout_s: float, finished) -> None:
+               log_dir: str, poll_s: float, timeout_s: float, finished,
+               cwd: Optional[str] = None) -> None:
     """Run ``cmd`` once more (``rec`` accumulates) and judge it by ``finished()``."""
     rec.attempts += 1
     rec.cmd = list(cmd)
-    m = run_point(cmd, env, log_dir, poll_s, timeout_s)
+    m = run_point(cmd, env, log_dir, poll_s, timeout_s, cwd=cwd)
     rec.run_time_s += m["run_time_s"]
     peaks = [v for v in (rec.peak_rss_mb_max, m["peak_rss_mb_max"])
              if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -134,7 +135,8 @@ def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: s
 
 def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
              eval_cmd: list[str], env: dict[str, str], eval_name: str = "test",
-             poll_s: float = 0.5, timeout_s: float = 0.0, tag: str = "") -> UnitResult:
+             poll_s: float = 0.5, timeout_s: float = 0.0, tag: str = "",
+             cwd: Optional[str] = None) -> UnitResult:
     """Train then evaluate one unit, skipping what an earlier run finished.
 
     Args:
@@ -145,6 +147,8 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
             reading the adapter from ``<unit_dir>/train`` when there is one).
         env: the subprocesses' environment (see process.child_env).
         timeout_s: per stage attempt; 0 = none.
+        cwd: the commands' working directory (None: this process's). ``unit_dir`` is read and
+            written by this process, so give it as an absolute path when ``cwd`` is set.
     """
     from ..train.monitor import write_json_atomic
 
@@ -179,7 +183,7 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
         how = "resuming" if res.train.attempts else "training"
         log(f"{tag}: {how}; logs in {unit_dir}/train_log/")
         _run_stage(res.train, train_cmd, env, res.train_dir, os.path.join(unit_dir, "train_log"),
-                   poll_s, timeout_s, lambda: is_finished(res.train_dir))
+                   poll_s, timeout_s, lambda: is_finished(res.train_dir), cwd=cwd)
         save()
         if res.train.status in ("failed", "stopped"):
             log(f"{tag}: training {res.train.status}: {res.train.reason}")
@@ -191,7 +195,7 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
         log(f"{tag}: evaluating ({eval_name}); logs in {unit_dir}/eval_{eval_name}_log/")
         _run_stage(res.eval, eval_cmd, env, res.eval_dir,
                    os.path.join(unit_dir, f"eval_{eval_name}_log"),
-                   poll_s, timeout_s, lambda: eval_finished(res.eval_dir))
+                   poll_s, timeout_s, lambda: eval_finished(res.eval_dir), cwd=cwd)
         if res.eval.status == "failed":
             log(f"{tag}: evaluation failed: {res.eval.reason}")
     save()
