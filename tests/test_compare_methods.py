@@ -150,3 +150,11 @@ def test_commands_name_no_path_of_this_machine(cm):
         assert cmds[0] == os.path.relpath(sys.executable, cm.ROOT)
     outside = os.path.join(os.sep, "elsewhere", "runs", unit.run_id)
     assert os.path.join(outside, "train") in cm.train_cmd(args, unit, outside)
+
+
+def test_moving_average_is_a_trailing_mean():
+    from goat_dist.study.report import moving_average
+
+    assert moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert moving_average([1.0, 2.0, 3.0], 8) == [1.0, 1.5, 2.0]
+    assert moving_average([], 3) == []

@@ -145,19 +145,48 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
     return out
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (shorter at the start): same length as input."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+# Per-step loss jumps with the batch's task (length-grouped batches put BoolQ passages and short
+# ARC questions in different steps), so the methods' curves are drawn smoothed over this many
+# steps, with the raw per-step loss faint behind them.
+LOSS_SMOOTHING_STEPS = 8
+
+
 def plot(study_dir: str, rows: list[dict], curves: dict[str, list], grid: bool) -> list[str]:
+    """loss_curves.png, accuracy.png (and accuracy_vs_E.png with ``grid``) in ``study_dir``.
+
+    Args:
+        rows: one dict per unit (compare_methods' results rows: variant, eval, eval_status, avg,
+            and E / top_k / ep_size / tokens_per_s for grid points).
+        curves: variant name -> [(step, train loss), ...] of its first seed.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, pts in sorted(curves.items()):
+    for i, (name, pts) in enumerate(sorted(curves.items())):
         if pts:
-            ax.plot([s for s, _ in pts], [v for _, v in pts], label=name, linewidth=1)
+            steps, losses = [s for s, _ in pts], [v for _, v in pts]
+            color = f"C{i % 10}"
+            ax.plot(steps, losses, color=color, linewidth=0.6, alpha=0.25)
+            ax.plot(steps, moving_average(losses, LOSS_SMOOTHING_STEPS), color=color,
+                    linewidth=1.5, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss")
-    ax.set_title("Training loss (first seed of each method)")
+    ax.set_title(f"Training loss, first seed of each method (bold: mean of the last "
+                 f"{LOSS_SMOOTHING_STEPS} steps)", fontsize=10)
     ax.grid(True, alpha=0.3)
     if curves:
         ax.legend(fontsize=7)
@@ -166,18 +195,25 @@ def plot(study_dir: str, rows: list[dict], curves: dict[str, list], grid: bool) 
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    # Points, not bars from zero: the methods differ by a few points on a ~45 % average, which a
+    # bar chart from 0 hides. Each seed is a dot; the mean carries a +-std bar.
     final = [r for r in rows if r["eval"] == "test" and r["eval_status"] in ("ok", "done")
              and not math.isnan(r["avg"])]
     names = list(dict.fromkeys(r["variant"] for r in final))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
     for i, n in enumerate(names):
-        m, s = mean_std([r["avg"] for r in final if r["variant"] == n])
-        ax.bar(i, 100 * m, yerr=100 * s, capsize=4)
+        accs = [100 * r["avg"] for r in final if r["variant"] == n]
+        m, s = mean_std(accs)
+        ax.scatter([i] * len(accs), accs, s=12, color="0.6", zorder=2)
+        ax.errorbar(i, m, yerr=s, fmt="o", color=f"C{i % 10}", capsize=5, markersize=7, zorder=3)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title("Test accuracy, mean ± std over seeds")
-    if not names:
+    ax.set_ylabel("average test accuracy (%)")
+    ax.set_title("Test accuracy: seeds (grey), mean ± std (colour)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    if names:
+        ax.set_xlim(-0.6, len(names) - 0.4)
+    else:
         ax.text(0.5, 0.5, "no finished unit", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     paths.append(os.path.join(study_dir, "accuracy.png"))
