@@ -468,7 +468,9 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
              f"`{in_repo(args.ds_config) or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
              f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
              f"mean ± std over seeds; updated {time.strftime('%Y-%m-%d %H:%M')}.\n"]
-    table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric)
+    # trained tasks: the validation tasks (those with training data); the rest measure transfer
+    table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric,
+                                trained=args.val_tasks)
     parts += ["## Test sets\n", table, ""]
     notes = significance_notes(stats, "goat")
     if notes:

@@ -96,19 +96,28 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
-                 tasks: list[str], metric: str) -> tuple[str, dict[str, dict]]:
+                 tasks: list[str], metric: str,
+                 trained: Optional[list[str]] = None) -> tuple[str, dict[str, dict]]:
     """Markdown: one line per variant, mean +- std over seeds of each task and the average.
+
+    Args:
+        trained: the tasks with training data; when given (and some are in ``tasks``), a column
+            with their average (mean +- std over seeds), which separates what fine-tuning taught
+            from transfer to the tasks it never saw.
 
     Returns the table and, per variant, {avg, std, se, n} for the significance notes. ``se`` is
     the standard error of the variant's mean average accuracy: seed-to-seed spread and test-set
-    sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)).
+    sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)); the table shows it
+    as the ``SE`` column.
     """
+    trained = [t for t in (trained or []) if t in tasks]
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         if r["phase"] in phase_names and r["eval"] == eval_name and r["eval_status"] in ("ok", "done"):
             by_variant.setdefault(r["variant"], []).append(r)
-    head = "| method | lr | seeds | " + " | ".join(tasks) + " | avg | train min |"
-    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    head = ("| method | lr | seeds | " + " | ".join(tasks) + " | avg | SE |"
+            + (" trained avg |" if trained else "") + " train min |")
+    lines = [head, "|" + "---|" * (len(tasks) + 6 + bool(trained))]
     stats = {}
     for name, rs in by_variant.items():
         cells = []
@@ -122,9 +131,15 @@ def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
         lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
         tmin = [r["train_time_s"] / 60 for r in rs
                 if isinstance(r.get("train_time_s"), float) and not math.isnan(r["train_time_s"])]
+        if trained:
+            tm, ts = mean_std([statistics.fmean([r.get(t, math.nan) for t in trained])
+                               for r in rs])
+            cells_trained = " |" if math.isnan(tm) else f" {100 * tm:.2f} ± {100 * ts:.2f} |"
         lines.append(f"| {name} | {', '.join(f'{x:g}' for x in lrs)} | {len(rs)} | "
                      + " | ".join(cells)
                      + f" | {'' if math.isnan(avg) else f'{100 * avg:.2f} ± {100 * sd:.2f}'} | "
+                     + f"{'' if math.isnan(se) else f'{100 * se:.2f}'} |"
+                     + (cells_trained if trained else "") + " "
                      + (f"{statistics.fmean(tmin):.1f}" if tmin else "") + " |")
     return "\n".join(lines), stats
 
