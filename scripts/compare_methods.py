@@ -8,8 +8,8 @@
 
     # the expert-count study of docs/SCALING_STUDY.md (GOAT at fixed total rank)
     python scripts/compare_methods.py --config configs/smollm2_std.yaml --methods \\
-        --expert-grid 2 4 8 16 --top-k 1 2 --ep-size 1 --lrs 2e-4 --seeds 0 \\
-        --study-dir outputs/expert_count
+        --expert-grid 2 4 8 16 --top-k 1 2 --ep-size 1 --expert-points 8:2:2 --lrs 2e-4 \\
+        --seeds 0 --study-dir outputs/expert_count
 
     # plan only: every unit, its overrides and its commands
     python scripts/compare_methods.py --config configs/smollm2_std.yaml --dry-run
@@ -148,17 +148,27 @@ def variants_of(args: argparse.Namespace) -> list[Variant]:
             out.append(Variant("base", [], "", trains=False))
         else:
             out.append(Variant(m, [f"{k}={v}" for k, v in METHODS[m].items()], LR_FAMILY[m]))
-    for E in args.expert_grid or []:
-        for k in args.top_k:
-            for ep in args.ep_size:
-                if k > E or E % ep:
-                    log(f"expert grid: skipping E={E} k={k} ep={ep} (top_k > E or ep_size does "
-                        f"not divide E)")
-                    continue
-                name = f"goat_E{E}_k{k}_ep{ep}"
-                out.append(Variant(name, [f"goat.num_experts={E}", f"goat.top_k={k}",
-                                          "goat.init=goat", f"train.ep_size={ep}"], name))
+    grid = [(E, k, ep) for E in args.expert_grid or [] for k in args.top_k for ep in args.ep_size]
+    for E, k, ep in dict.fromkeys(grid + list(args.expert_points)):    # ordered, no repeats
+        if k > E or E % ep:
+            log(f"expert grid: skipping E={E} k={k} ep={ep} (top_k > E or ep_size does not "
+                f"divide E)")
+            continue
+        name = f"goat_E{E}_k{k}_ep{ep}"
+        out.append(Variant(name, [f"goat.num_experts={E}", f"goat.top_k={k}", "goat.init=goat",
+                                  f"train.ep_size={ep}"], name))
     return out
+
+
+def expert_point(text: str) -> tuple[int, int, int]:
+    """``E:k:ep`` (argparse type of --expert-points)."""
+    try:
+        E, k, ep = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not E:k:ep (three integers, e.g. 8:2:2)")
+    if min(E, k, ep) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: E, k and ep must be >= 1")
+    return E, k, ep
 
 
 # ---------------------------------------------------------------------------- commands
@@ -216,6 +226,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also GOAT at these expert counts (fixed total rank goat.r)")
     p.add_argument("--top-k", type=int, nargs="+", default=[2], help="top_k values of the grid")
     p.add_argument("--ep-size", type=int, nargs="+", default=[1], help="ep_size values of the grid")
+    p.add_argument("--expert-points", type=expert_point, nargs="+", default=[], metavar="E:k:ep",
+                   help="GOAT points added to the grid's cross product, e.g. 8:2:2 for one "
+                        "expert-parallel point beside a grid at ep_size 1")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="learning rates to sweep (default: the config's optim.lr, no sweep)")
     p.add_argument("--sweep-methods", nargs="+", default=["lora", "goat"],
@@ -250,8 +263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS and m != "base"]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {sorted(METHODS) + ['base']}")
-    if not args.methods and not args.expert_grid:
-        p.error("nothing to run: give --methods and/or --expert-grid")
+    if not args.methods and not args.expert_grid and not args.expert_points:
+        p.error("nothing to run: give --methods and/or --expert-grid / --expert-points")
     if min(args.seeds) < 0 or args.procs < 1 or args.eval_procs < 1:
         p.error("--seeds must be >= 0, --procs and --eval-procs >= 1")
     if args.lrs is not None and any(not (x > 0 and math.isfinite(x)) for x in args.lrs):
@@ -426,7 +439,7 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
         # tables and plots after every unit: a study spread over days is committed as it fills
         write_csv(os.path.join(study_dir, "results.csv"), rows)
         write_markdown(study_dir, rows, args, chosen)
-        plot(study_dir, rows, curves, bool(args.expert_grid))
+        plot(study_dir, rows, curves, bool(args.expert_grid or args.expert_points))
 
     chosen: dict[str, float] = {}
     for i, u in enumerate(sweep, 1):
@@ -446,7 +459,7 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
         rows.append(execute(u, f"[final {i}/{len(final)}] {u.run_id}"))
         flush()
     flush()
-    plots = plot(study_dir, rows, curves, bool(args.expert_grid))
+    plots = plot(study_dir, rows, curves, bool(args.expert_grid or args.expert_points))
     status = [r.train.status for r in results] + [r.eval.status for r in results]
     failed = sum(s == "failed" for s in status)
     stopped = sum(s == "stopped" for s in status)

@@ -59,6 +59,20 @@ def test_plan_sweeps_families_and_seeds(tmp_path, cm, capsys, tiny_folder):
         cm.main(base + ["--methods", "lorax"])
     assert e.value.code == 2
     assert cm.main(base[:-1] + ["--set", "optim.lr=1"]) == 2
+    # the expert grid: a cross product plus explicit E:k:ep points, repeats once, one lr = no sweep
+    grid = base[:5] + ["1e-3", "--seeds", "0", "--study-dir", str(tmp_path / "s"), "--dry-run",
+                       "--methods", "--expert-grid", "2", "4", "--top-k", "1", "2",
+                       "--expert-points", "4:2:2", "4:2:1", "2:4:1"]
+    assert cm.main(grid) == 0
+    got = capsys.readouterr()
+    out = json.loads(got.out.strip().splitlines()[-1])
+    assert (out["sweep_units"], out["final_units"]) == (0, 5)     # 2:4:1 is skipped (k > E)
+    planned = [ln.split()[1] for ln in got.err.splitlines() if ln.startswith("final")]
+    assert planned == [f"goat_E{E}_k{k}_ep{ep}_lr0.001_s0"
+                       for E, k, ep in ((2, 1, 1), (2, 2, 1), (4, 1, 1), (4, 2, 1), (4, 2, 2))]
+    with pytest.raises(SystemExit) as e:
+        cm.main(grid[:-3] + ["8:2"])
+    assert e.value.code == 2
 
 
 def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny_folder):
