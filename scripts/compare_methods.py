@@ -46,7 +46,9 @@ and stderr, time, memory, throughput, load CV), results.md (per-method mean +- s
 per task, the chosen learning rates, the sweep), loss_curves.png, accuracy.png (and, with
 --expert-grid, accuracy_vs_E.png). The last line on stdout is a JSON summary.
 
-Exit status: 0 when every unit finished, 1 when some unit failed or stopped, 2 on bad input.
+Exit status: 0 when every unit finished, 1 when some unit failed or stopped, 2 on bad input,
+130 when stopped by Ctrl-C or SIGTERM (the running unit's trainer checkpoints first; rerun the
+same command to continue).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from typing import Any, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from goat_dist.study.process import child_env, log as _log  # noqa: E402
+from goat_dist.study.process import child_env, interrupt_on_sigterm, log as _log  # noqa: E402
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
 from goat_dist.study.report import (average, fmt, eval_metrics, method_table, plot,  # noqa: E402
                                      significance_notes, train_figures, write_csv)
@@ -393,7 +395,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     # released on return or exception, not whenever the file object is collected: main() runs
     # several times in one process (tests, notebooks) and a lingering lock reads as a busy folder
     with lock:
-        return run_study(args, study_dir, variants, sweep)
+        try:
+            return run_study(args, study_dir, variants, sweep)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: run_point has stopped the running unit (its trainer
+            # checkpointed); the tables hold what finished
+            print("compare_methods: interrupted; rerun the same command to continue the study",
+                  file=sys.stderr)
+            return 130
 
 
 def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) -> int:
@@ -519,4 +528,5 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()
     sys.exit(main())

@@ -172,3 +172,51 @@ def test_moving_average_is_a_trailing_mean():
     assert moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
     assert moving_average([1.0, 2.0, 3.0], 8) == [1.0, 1.5, 2.0]
     assert moving_average([], 3) == []
+
+
+def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_folder):
+    """SIGTERM (a batch system's preemption, `kill`, a script's stop: background jobs of a shell
+    ignore Ctrl-C's SIGINT) stops the study as Ctrl-C does: the running unit's trainer gets it,
+    writes a checkpoint and says so in summary.json, no process of the unit outlives the study,
+    and the study exits 130 with the rerun hint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cfg = tiny_config(str(tmp_path / "run.yaml"), str(tmp_path / "unused"),
+                      model={"preset": None, "name_or_path": tiny_folder},
+                      train={"max_steps": 5000, "save_every": 2, "eval_every": 0})
+    d = str(tmp_path / "study")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(cm.ROOT, "scripts", "compare_methods.py"), "--config", cfg,
+         "--ds-config", "none", "--procs", "1", "--methods", "lora", "--seeds", "0",
+         "--study-dir", d], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = os.path.join(d, "runs", "lora_lr0.005_s0", "train")
+    unit_procs: list = []
+    try:
+        # signal once the trainer is in its loop (its first checkpoint exists), not before it
+        # has installed its handlers: that is what makes the outcome deterministic
+        deadline = time.time() + 300
+        while not os.path.isdir(os.path.join(train, "checkpoints", "step_00000002")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        unit_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert unit_procs
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        alive = [p for p in unit_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in [proc] + unit_procs:     # a failure here must not leave a trainer running
+            try:
+                p.kill()
+            except (OSError, psutil.Error):
+                pass
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; rerun the same command to continue" in err
+    summary = json.load(open(os.path.join(train, "summary.json")))
+    assert summary["finished"] is False and summary["stopped_by"], summary
+    assert summary["last_checkpoint_step"] == summary["global_step"] >= 2
+    assert not alive, alive            # no orphaned trainer

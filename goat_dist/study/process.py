@@ -99,6 +99,27 @@ def vm_hwm_kb(pid: int) -> Optional[int]:
     return None
 
 
+# How long a unit's processes get to exit after the SIGTERM that stops a study (the trainer
+# writes a checkpoint on SIGTERM, train/resilience.py) before they are killed.
+STOP_GRACE_S = 60.0
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop a study the way Ctrl-C does.
+
+    A study is stopped with SIGTERM by ``kill``, a batch system's preemption or time limit, and
+    by anything started from a script (a shell runs background jobs with SIGINT ignored, so
+    Ctrl-C's signal never arrives there). Python's default for SIGTERM is to die at once, which
+    would leave the running unit's processes (a session of their own, run_point) training on
+    as orphans. As KeyboardInterrupt instead, run_point forwards SIGTERM to the unit, whose
+    trainer checkpoints, and the study exits; rerunning its command continues it.
+    """
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,9 +233,10 @@ def run_point(cmd: list[str], env: dict[str, str], out_dir: str, poll_s: float,
                     signal_group(proc.pid, signal.SIGKILL)
                 time.sleep(poll_s)
         except BaseException:
-            # Ctrl-C (or a bug here): leave no orphaned ranks behind, then re-raise
+            # Ctrl-C, SIGTERM (interrupt_on_sigterm) or a bug here: the unit's trainer gets
+            # SIGTERM to checkpoint on, no orphaned ranks stay behind, then re-raise
             signal_group(proc.pid, signal.SIGTERM)
-            if reap(proc.pid, 15) is None:
+            if reap(proc.pid, STOP_GRACE_S) is None:
                 signal_group(proc.pid, signal.SIGKILL)
                 reap(proc.pid, 15)
             proc.returncode = -1
