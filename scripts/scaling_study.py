@@ -105,7 +105,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import (child_env, error_summary, failure_reason,  # noqa: E402,F401
-                                     log as _log, run_point)
+                                     interrupt_on_sigterm, log as _log, run_point)
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
 from goat_dist.study.report import fmt, write_csv  # noqa: E402
 from goat_dist.study.readback import is_finished, read_json, tensorboard_scalars  # noqa: E402
@@ -641,4 +641,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()      # SIGTERM stops the running point's processes too, as Ctrl-C does
     sys.exit(main())
