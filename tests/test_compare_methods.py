@@ -178,7 +178,8 @@ def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_fol
     """SIGTERM (a batch system's preemption, `kill`, a script's stop: background jobs of a shell
     ignore Ctrl-C's SIGINT) stops the study as Ctrl-C does: the running unit's trainer gets it,
     writes a checkpoint and says so in summary.json, no process of the unit outlives the study,
-    and the study exits 130 with the rerun hint."""
+    the interrupted attempt is recorded in unit.json, and the study exits 130 with the rerun
+    hint."""
     import signal
     import subprocess
     import sys
@@ -220,3 +221,7 @@ def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_fol
     assert summary["finished"] is False and summary["stopped_by"], summary
     assert summary["last_checkpoint_step"] == summary["global_step"] >= 2
     assert not alive, alive            # no orphaned trainer
+    # the interrupted attempt is on record: a unit's time covers every attempt
+    unit = json.load(open(os.path.join(d, "runs", "lora_lr0.005_s0", "unit.json")))
+    assert unit["train"]["attempts"] == 1 and unit["train"]["status"] == "stopped"
+    assert unit["train"]["run_time_s"] > 0

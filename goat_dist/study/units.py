@@ -114,7 +114,15 @@ def _run_stage(rec: StageRecord, cmd: list[str], env: dict[str, str], out_dir: s
     """Run ``cmd`` once more (``rec`` accumulates) and judge it by ``finished()``."""
     rec.attempts += 1
     rec.cmd = list(cmd)
-    m = run_point(cmd, env, log_dir, poll_s, timeout_s, cwd=cwd)
+    t0 = time.time()
+    try:
+        m = run_point(cmd, env, log_dir, poll_s, timeout_s, cwd=cwd)
+    except KeyboardInterrupt:
+        # the study is being stopped (run_point has stopped the stage's processes): the attempt
+        # still counts, so a unit's time covers every attempt, interrupted ones included
+        rec.run_time_s += time.time() - t0
+        rec.status, rec.reason = "stopped", "interrupted (Ctrl-C or SIGTERM)"
+        raise
     rec.run_time_s += m["run_time_s"]
     peaks = [v for v in (rec.peak_rss_mb_max, m["peak_rss_mb_max"])
              if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -182,9 +190,12 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
             res.train = StageRecord()       # a new run: its time is not added to the lost one
         how = "resuming" if res.train.attempts else "training"
         log(f"{tag}: {how}; logs in {unit_dir}/train_log/")
-        _run_stage(res.train, train_cmd, env, res.train_dir, os.path.join(unit_dir, "train_log"),
-                   poll_s, timeout_s, lambda: is_finished(res.train_dir), cwd=cwd)
-        save()
+        try:
+            _run_stage(res.train, train_cmd, env, res.train_dir,
+                       os.path.join(unit_dir, "train_log"), poll_s, timeout_s,
+                       lambda: is_finished(res.train_dir), cwd=cwd)
+        finally:
+            save()
         if res.train.status in ("failed", "stopped"):
             log(f"{tag}: training {res.train.status}: {res.train.reason}")
             return res
@@ -193,9 +204,13 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
         log(f"{tag}: evaluation finished earlier, skipped")
     else:
         log(f"{tag}: evaluating ({eval_name}); logs in {unit_dir}/eval_{eval_name}_log/")
-        _run_stage(res.eval, eval_cmd, env, res.eval_dir,
-                   os.path.join(unit_dir, f"eval_{eval_name}_log"),
-                   poll_s, timeout_s, lambda: eval_finished(res.eval_dir), cwd=cwd)
+        try:
+            _run_stage(res.eval, eval_cmd, env, res.eval_dir,
+                       os.path.join(unit_dir, f"eval_{eval_name}_log"),
+                       poll_s, timeout_s, lambda: eval_finished(res.eval_dir), cwd=cwd)
+        except KeyboardInterrupt:
+            save()
+            raise
         if res.eval.status == "failed":
             log(f"{tag}: evaluation failed: {res.eval.reason}")
     save()
