@@ -225,3 +225,22 @@ def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_fol
     unit = json.load(open(os.path.join(d, "runs", "lora_lr0.005_s0", "unit.json")))
     assert unit["train"]["attempts"] == 1 and unit["train"]["status"] == "stopped"
     assert unit["train"]["run_time_s"] > 0
+
+
+def test_loss_curve_of_a_run_resumed_without_history_takes_the_earlier_steps_from_tensorboard(
+        tmp_path):
+    """A unit resumed by a trainer that did not carry its history through checkpoints has only
+    the steps since the restart in summary.json; the event files fill in the steps before."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from goat_dist.study.report import train_figures
+
+    train = tmp_path / "train"
+    w = SummaryWriter(str(train / "tensorboard"))
+    for step, loss in ((4, 4.0), (8, 3.0), (12, 9.0)):     # 12 was redone after the restart
+        w.add_scalar("train/loss", loss, step)
+    w.close()
+    history = [{"step": s, "loss": 2.0} for s in (9, 10, 11, 12)]
+    (train / "summary.json").write_text(json.dumps({"history": history, "global_step": 12}))
+    curve = train_figures(str(train))["loss_curve"]
+    assert curve == [(4, 4.0), (8, 3.0), (9, 2.0), (10, 2.0), (11, 2.0), (12, 2.0)]

@@ -58,8 +58,9 @@ def test_exported_adapter_reproduces_eval_loss(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """6 steps straight == 3 steps, stop, resume, 3 steps: identical losses and adapter.
-    Dropout is on, so the RNG state must be restored too."""
+    """6 steps straight == 3 steps, stop, resume, 3 steps: identical losses and adapter, and the
+    resumed summary's history is the whole run's. Dropout is on, so the RNG state must be
+    restored too."""
     from safetensors.torch import load_file
 
     straight = str(tmp_path / "straight")
@@ -78,7 +79,11 @@ def test_resume_is_exact(tmp_path):
     # the resumed job found every layer's SVD priors in the cache
     assert second["svd_init"]["svd_computed"] == 0 and second["svd_init"]["cache_hits"] > 0
     assert read_summary(straight)["svd_init"]["svd_computed"] > 0
-    got = first + [h["loss"] for h in second["history"]]
+    # the resumed run's summary holds the whole run's history: steps 1-3 come from the
+    # checkpoint (history.json), 4-6 from the resumed job
+    assert [h["step"] for h in second["history"]] == [1, 2, 3, 4, 5, 6]
+    got = [h["loss"] for h in second["history"]]
+    assert got[:3] == first
     assert got == pytest.approx(losses(straight), abs=1e-6)
     a = load_file(os.path.join(straight, "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(split, "adapter", "adapter_model.safetensors"))

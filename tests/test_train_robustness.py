@@ -63,7 +63,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     assert run_train(["--config", cfg]) == 0                         # resume=auto
     s = read_summary(out)
     assert s["resumed_from"].endswith("step_00000002") and s["finished"]
-    assert [h["step"] for h in s["history"]] == [3, 4, 5, 6]
+    assert [h["step"] for h in s["history"]] == [1, 2, 3, 4, 5, 6]   # 1-2 through checkpoint 2
     with open(os.path.join(ckpts, "latest.json")) as f:
         assert json.load(f)["tag"] == "step_00000006"
 

@@ -41,16 +41,21 @@ def train_figures(train_dir: str) -> dict[str, Any]:
     """Throughput, load balance and the loss curve of a finished training run."""
     summary = read_json(os.path.join(train_dir, "summary.json")) or {}
     sc = tensorboard_scalars(os.path.join(train_dir, "tensorboard"),
-                             ["train/tokens_per_s", "experts/load_cv"])
+                             ["train/tokens_per_s", "experts/load_cv", "train/loss"])
     rates = [v for _, v in sc.get("train/tokens_per_s", [])]
     rates = rates[1:] if len(rates) >= 2 else rates   # the first window pays start-up costs
     hist = summary.get("history") or []
+    # A run resumed by a trainer that did not yet carry its history through checkpoints has
+    # only the steps since the restart in summary.json; the event files (every attempt's,
+    # every log_every steps) fill in the steps before.
+    first = hist[0]["step"] if hist else math.inf
+    earlier = [(s, v) for s, v in sc.get("train/loss", []) if s < first]
     return {"tokens_per_s": sum(rates) / len(rates) if rates else math.nan,
             "load_cv": sc["experts/load_cv"][-1][1] if sc.get("experts/load_cv") else math.nan,
             "final_train_loss": (sum(h["loss"] for h in hist[-5:]) / len(hist[-5:])
                                  if hist else math.nan),
             "steps": summary.get("global_step"), "wall_time_s": summary.get("wall_time_s"),
-            "loss_curve": [(h["step"], h["loss"]) for h in hist]}
+            "loss_curve": earlier + [(h["step"], h["loss"]) for h in hist]}
 
 
 def average(metrics: dict[str, tuple[float, float]]) -> tuple[float, float]:

@@ -45,6 +45,9 @@ from ..model import GoatModel
 from .config import ConfigError, RunConfig
 
 POINTER = "latest.json"
+# The run's per-step log up to the checkpoint (rank 0 writes it): a resumed run's summary.json
+# then holds the whole run's loss curve, not only the steps since the last restart.
+HISTORY = "history.json"
 ADAPTER_DIR = "adapter"      # in a checkpoint step folder, and in the run's output folder
 
 
@@ -124,11 +127,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
-                    expert_state: Optional[dict] = None) -> str:
+                    expert_state: Optional[dict] = None,
+                    history: Optional[list[dict]] = None) -> str:
     """Write checkpoint ``step_<global_step>`` and move the pointer to it. Collective.
 
     ``expert_state``: this rank's expert shards + their optimizer (expert parallelism), saved
     as ``experts_rank<r>.pt`` beside DeepSpeed's files.
+    ``history``: the run's per-step records up to ``global_step`` (rank 0's are written, as
+    ``history.json``; see load_history).
 
     Returns:
         The checkpoint folder.
@@ -154,6 +160,8 @@ def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
         try:
             _atomic_json(os.path.join(path, "run_config.json"),
                          {"run": run.to_dict(), "world_size": world_size, "global_step": global_step})
+            if history is not None:
+                _atomic_json(os.path.join(path, HISTORY), history)
             _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
         except OSError as e:
             raise _write_error(e, path, root) from None
@@ -244,6 +252,19 @@ def load_checkpoint(engine, path: str) -> tuple[int, Optional[dict]]:
     expert_file = os.path.join(path, f"experts_rank{_rank()}.pt")
     expert_state = _load_tensors_only(expert_file) if os.path.isfile(expert_file) else None
     return int(client["global_step"]), expert_state
+
+
+def load_history(path: str, global_step: int) -> list[dict]:
+    """The per-step records a checkpoint holds, up to ``global_step``; [] for a checkpoint
+    written before they were saved (or an unreadable file: the curve is a record, not state)."""
+    try:
+        with open(os.path.join(path, HISTORY)) as f:
+            history = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(history, list):
+        return []
+    return [h for h in history if isinstance(h, dict) and h.get("step", 0) <= global_step]
 
 
 def _load_tensors_only(file: str):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import (check_resumable, checkpoint_dir, export_adapter, latest_checkpoint,
-                         load_checkpoint, save_checkpoint)
+                         load_checkpoint, load_history, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
 from .ds_config import resolve_ds_config, zero_stage
@@ -209,8 +209,10 @@ class Trainer:
                          "seconds": time.time() - t_init}
         self._init_engine()
         self.start_step = 0
+        self.resumed_history: list[dict] = []
         if self.resume_from is not None:
             self.start_step, expert_state = load_checkpoint(self.engine, self.resume_from)
+            self.resumed_history = load_history(self.resume_from, self.start_step)
             if self.expert_opt is not None:
                 if expert_state is None:
                     raise ConfigError(f"checkpoint {self.resume_from} has no expert shards for "
@@ -430,7 +432,9 @@ class Trainer:
                           total_steps=self.total_steps, initial_step=self.start_step)
         try:   # the progress bar and event file are closed on every way out
             thr = Throughput()
-            history: list[dict] = []
+            # the steps before a resume come from the checkpoint, so summary.json's history is
+            # the whole run's
+            self.history = history = list(self.resumed_history)
             metrics: dict[str, float] = {}
             t0 = time.time()
             skipped_total = consecutive = 0
@@ -529,7 +533,8 @@ class Trainer:
     def _save(self, done: int) -> None:
         with collective_op("checkpoint save", done):
             save_checkpoint(self.engine, self.run_cfg, done, self.world,
-                            None if self.expert_opt is None else self.expert_opt.state_dict())
+                            None if self.expert_opt is None else self.expert_opt.state_dict(),
+                            history=self.history)
 
 def shutdown(barrier: bool = True) -> None:
     """Leave the process group (every rank, also on errors: a rank that exits with the group
