@@ -44,7 +44,7 @@ run then shows as ``stopped``): for a job with a time limit; rerun without it to
 Outputs in --study-dir: results.csv (one row per unit and evaluation set: every task's metric
 and stderr, time, memory, throughput, load CV), results.md (per-method mean +- std over seeds
 per task, the chosen learning rates, the sweep), loss_curves.png, accuracy.png (and, with
---expert-grid, accuracy_vs_E.png). The last line on stdout is a JSON summary.
+--expert-grid or --expert-points, accuracy_vs_E.png). The last line on stdout is a JSON summary.
 
 Exit status: 0 when every unit finished, 1 when some unit failed or stopped, 2 on bad input,
 130 when stopped by Ctrl-C or SIGTERM (the running unit's trainer checkpoints first; rerun the

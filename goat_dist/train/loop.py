@@ -209,10 +209,12 @@ class Trainer:
                          "seconds": time.time() - t_init}
         self._init_engine()
         self.start_step = 0
-        self.resumed_history: list[dict] = []
+        # the per-step log of the run so far (summary.json's history, each checkpoint's
+        # history.json): a resumed run starts from its checkpoint's, so it is the whole run's
+        self.history: list[dict] = []
         if self.resume_from is not None:
             self.start_step, expert_state = load_checkpoint(self.engine, self.resume_from)
-            self.resumed_history = load_history(self.resume_from, self.start_step)
+            self.history = load_history(self.resume_from, self.start_step)
             if self.expert_opt is not None:
                 if expert_state is None:
                     raise ConfigError(f"checkpoint {self.resume_from} has no expert shards for "
@@ -432,9 +434,7 @@ class Trainer:
                           total_steps=self.total_steps, initial_step=self.start_step)
         try:   # the progress bar and event file are closed on every way out
             thr = Throughput()
-            # the steps before a resume come from the checkpoint, so summary.json's history is
-            # the whole run's
-            self.history = history = list(self.resumed_history)
+            history = self.history
             metrics: dict[str, float] = {}
             t0 = time.time()
             skipped_total = consecutive = 0
