@@ -67,8 +67,9 @@ sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import child_env, interrupt_on_sigterm, log as _log  # noqa: E402
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
-from goat_dist.study.report import (average, fmt, eval_metrics, method_table, plot,  # noqa: E402
-                                     significance_notes, train_figures, write_csv)
+from goat_dist.study.report import (average, beside_paper, fmt, eval_metrics,  # noqa: E402
+                                     method_table, plot, significance_notes, train_figures,
+                                     write_csv)
 from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
 
 TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
@@ -498,6 +499,9 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
     if notes:
         parts += ["Differences from GOAT (significant when larger than twice the combined "
                   "standard error of seed spread and test-set sampling):", *notes, ""]
+    paper = beside_paper(stats, test_tasks)
+    if paper:
+        parts += ["## Ordering beside the paper (Table 3, LLaMA-2-7B)\n", *paper, ""]
     if chosen:
         parts += ["## Learning rates chosen on the validation split\n"]
         parts += [f"- {k}: {v:g}" for k, v in sorted(chosen.items())] + [""]

@@ -244,3 +244,32 @@ def test_loss_curve_of_a_run_resumed_without_history_takes_the_earlier_steps_fro
     (train / "summary.json").write_text(json.dumps({"history": history, "global_step": 12}))
     curve = train_figures(str(train))["loss_curve"]
     assert curve == [(4, 4.0), (8, 3.0), (9, 2.0), (10, 2.0), (11, 2.0), (12, 2.0)]
+
+
+def test_ordering_beside_the_paper_ranks_on_the_tasks_both_have():
+    from goat_dist.study.paper import paper_average, paper_task
+    from goat_dist.study.report import beside_paper
+
+    tasks = ["cs_std_arc_challenge", "cs_std_arc_easy", "cs_std_boolq", "cs_std_obqa",
+             "cs_std_piqa", "cs_std_siqa", "cs_std_winogrande"]
+    assert paper_task("cs_std_arc_easy") == "arc_easy" and paper_task("cs_arc_challenge") == (
+        "arc_challenge")
+    assert paper_task("cs_std_hellaswag") == "hellaswag" and paper_task("gsm8k") is None
+    # Table 3's own 8-task averages (PiSSA's 73.7875 is printed truncated as 73.78), and the
+    # 7-task ones without HellaSwag (hand-computed)
+    for method, printed in [("goat", 82.73), ("pissa", 73.78), ("lora", 77.61), ("hydralora", 81.12)]:
+        assert paper_average(method) == pytest.approx(printed, abs=0.01)
+    assert paper_average("goat", tasks) == pytest.approx(574.72 / 7)
+    assert paper_average("molora", tasks) == pytest.approx(568.93 / 7)
+    assert paper_average("goat_mini") is None and paper_average("base") is None
+
+    stats = {"goat": {"avg": 0.4608, "std": 0.0, "n": 1}, "lora": {"avg": 0.4698, "std": 0.01, "n": 3},
+             "base": {"avg": 0.4089, "std": 0.0, "n": 1}, "molora": {"avg": 0.4646, "std": 0.0, "n": 1}}
+    lines = beside_paper(stats, tasks)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    # the paper's order over the 7 shared tasks: goat 82.10, molora 81.28, lora 76.76
+    assert [r[0] for r in rows] == ["goat", "molora", "lora"]
+    assert [r[2] for r in rows] == ["3", "2", "1"]          # ours: lora, molora, goat
+    assert [r[4] for r in rows] == ["1", "2", "3"]
+    assert rows[2][1] == "46.98 ± 1.00 (3)" and rows[0][3] == "82.10"
+    assert beside_paper({"base": stats["base"]}, tasks) == []

@@ -10,6 +10,7 @@ import os
 import statistics
 from typing import Any, Optional
 
+from .paper import paper_average, paper_task
 from .readback import read_json, tensorboard_scalars
 
 
@@ -163,6 +164,33 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
         verdict = "significant" if se > 0 and abs(d) > 2 * se else "within noise"
         out.append(f"- {ref} - {name}: {100 * d:+.2f} points (2 SE = {200 * se:.2f}): {verdict}")
     return out
+
+
+def beside_paper(stats: dict[str, dict], tasks: list[str]) -> list[str]:
+    """Markdown: our ordering of the methods beside the paper's Table 3 ordering.
+
+    Args:
+        stats: per method, {avg, std, n} as returned by :func:`method_table` (avg in [0, 1]).
+        tasks: our test tasks; the paper's average is taken over those of them it has (the
+            paper's 8-task average, with HellaSwag, is shown too).
+
+    Only methods with a Table 3 row are ranked (the base model and GOAT-mini have none there);
+    rank 1 is the highest average. Returns [] when no method has both.
+    """
+    both = [m for m in stats if paper_average(m) is not None and not math.isnan(stats[m]["avg"])]
+    if not both:
+        return []
+    ours = sorted(both, key=lambda m: -stats[m]["avg"])
+    paper = sorted(both, key=lambda m: -paper_average(m, tasks))
+    shared = [paper_task(t) for t in tasks if paper_task(t)]
+    lines = [f"| method | ours: avg ± std (seeds) | our rank | paper: avg over {', '.join(shared)} "
+             "| paper rank | paper 8-task avg |", "|---|---:|---:|---:|---:|---:|"]
+    for m in paper:
+        s = stats[m]
+        lines.append(f"| {m} | {100 * s['avg']:.2f} ± {100 * s['std']:.2f} ({s['n']}) | "
+                     f"{ours.index(m) + 1} | {paper_average(m, tasks):.2f} | {paper.index(m) + 1} | "
+                     f"{paper_average(m):.2f} |")
+    return lines
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
