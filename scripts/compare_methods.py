@@ -67,8 +67,8 @@ sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import child_env, interrupt_on_sigterm, log as _log  # noqa: E402
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
-from goat_dist.study.report import (average, beside_paper, fmt, eval_metrics,  # noqa: E402
-                                     method_table, plot, significance_notes, train_figures,
+from goat_dist.study.report import (average, beside_paper, compute_hours, fmt,  # noqa: E402
+                                     eval_metrics, method_table, plot, significance_notes, train_figures,
                                      write_csv)
 from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
 
@@ -525,6 +525,10 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
             f"{fmt(100 * r['avg'], 4) if not math.isnan(r['avg']) else ''} | "
             f"{(r['reason'] or '')[:100].replace('|', '/')} |")
     parts += unit_lines
+    hours = compute_hours(os.path.join(study_dir, "runs"))
+    parts += ["", f"Compute so far: {hours['total']:.1f} h wall-clock over {hours['units']} units "
+              f"({hours['train']:.1f} h training, {hours['eval']:.1f} h evaluation), every attempt "
+              "counted, each training once however many evaluations reuse it."]
     tmp = os.path.join(study_dir, "results.md.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(parts) + "\n")

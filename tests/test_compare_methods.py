@@ -114,6 +114,13 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     with open(os.path.join(d, "results.md")) as f:
         md = f.read()
     assert "| lora | 0.005 | 1 |" in md and "| base |" in md
+    from goat_dist.study.report import compute_hours
+    hours = compute_hours(os.path.join(d, "runs"))
+    base_unit = json.load(open(os.path.join(d, "runs", "base", "unit.json")))
+    assert hours["units"] == 2 and hours["train"] * 3600 == pytest.approx(unit["train"]["run_time_s"])
+    assert hours["eval"] * 3600 == pytest.approx(unit["eval"]["test"]["run_time_s"]
+                                                 + base_unit["eval"]["test"]["run_time_s"])
+    assert f"Compute so far: {hours['total']:.1f} h wall-clock over 2 units" in md
     rows = open(os.path.join(d, "results.csv")).read()
     assert "cs_std_boolq" in rows and "cs_std_arc_easy_stderr" in rows
     for png in ("loss_curves.png", "accuracy.png"):
@@ -273,3 +280,22 @@ def test_ordering_beside_the_paper_ranks_on_the_tasks_both_have():
     assert [r[4] for r in rows] == ["1", "2", "3"]
     assert rows[2][1] == "46.98 ± 1.00 (3)" and rows[0][3] == "82.10"
     assert beside_paper({"base": stats["base"]}, tasks) == []
+
+
+def test_compute_hours_counts_a_training_once_however_many_evaluations_reuse_it(tmp_path):
+    from goat_dist.study.report import compute_hours
+
+    def unit(name, train_s, **evals_s):
+        os.makedirs(tmp_path / name)
+        rec = {"train": {"run_time_s": train_s} if train_s is not None else None,
+               "eval": {k: {"run_time_s": v} for k, v in evals_s.items()}}
+        (tmp_path / name / "unit.json").write_text(json.dumps(rec))
+
+    unit("goat_lr0.0002_s0", 720.0, val=90.0, test=1200.0)   # sweep run reused as seed 0
+    unit("base", None, test=960.0)
+    os.makedirs(tmp_path / "half_written")                    # no unit.json yet: not counted
+    h = compute_hours(str(tmp_path))
+    assert h["units"] == 2
+    assert h["train"] == pytest.approx(0.2) and h["eval"] == pytest.approx(2250 / 3600)
+    assert h["total"] == pytest.approx(2970 / 3600)
+    assert compute_hours(str(tmp_path / "missing")) == {"train": 0, "eval": 0, "total": 0, "units": 0}

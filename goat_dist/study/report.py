@@ -38,6 +38,26 @@ def eval_metrics(eval_dir: str, metric: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def compute_hours(runs_dir: str) -> dict[str, float]:
+    """Wall-clock hours a study has spent, from every unit's ``unit.json`` under ``runs_dir``.
+
+    Each unit's training is counted once, however many evaluations reuse it (the sweep's best
+    run is also seed 0 of the final table), and every stage sums its attempts, interrupted ones
+    included (goat_dist/study/units.py). Returns {"train", "eval", "total", "units"}.
+    """
+    train = evals = 0.0
+    units = 0
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        rec = read_json(os.path.join(runs_dir, name, "unit.json"))
+        if not rec:
+            continue
+        units += 1
+        train += (rec.get("train") or {}).get("run_time_s") or 0.0
+        evals += sum((e or {}).get("run_time_s") or 0.0 for e in (rec.get("eval") or {}).values())
+    return {"train": train / 3600, "eval": evals / 3600, "total": (train + evals) / 3600,
+            "units": units}
+
+
 def train_figures(train_dir: str) -> dict[str, Any]:
     """Throughput, load balance and the loss curve of a finished training run."""
     summary = read_json(os.path.join(train_dir, "summary.json")) or {}
