@@ -299,3 +299,21 @@ def test_compute_hours_counts_a_training_once_however_many_evaluations_reuse_it(
     assert h["train"] == pytest.approx(0.2) and h["eval"] == pytest.approx(2250 / 3600)
     assert h["total"] == pytest.approx(2970 / 3600)
     assert compute_hours(str(tmp_path / "missing")) == {"train": 0, "eval": 0, "total": 0, "units": 0}
+
+
+def test_studies_script_plans_the_three_smollm2_studies(tiny_folder):
+    """scripts/smollm2_studies.sh (the commands behind docs/RESULTS.md) stays runnable: every
+    study's options parse, its configs and data exist, and the plans have the documented sizes.
+    The model is swapped for the tiny folder (extra arguments go to every study)."""
+    import subprocess
+
+    from tests.train_helpers import ROOT
+
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "smollm2_studies.sh"),
+                           "--dry-run", "--model", tiny_folder],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plans = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(p["study_dir"].split(os.sep)[-1], p["sweep_units"], p["final_units"]) for p in plans] == [
+        ("compare_methods", 8, 22), ("expert_count", 0, 9), ("llm_adapters_form", 0, 2)]
+    assert all(p["dry_run"] for p in plans)
