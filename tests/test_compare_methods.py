@@ -279,6 +279,7 @@ def test_ordering_beside_the_paper_ranks_on_the_tasks_both_have():
     assert [r[2] for r in rows] == ["3", "2", "1"]          # ours: lora, molora, goat
     assert [r[4] for r in rows] == ["1", "2", "3"]
     assert rows[2][1] == "46.98 ± 1.00 (3)" and rows[0][3] == "82.10"
+    assert rows[1][5] == "80.43"                             # as printed (the mean is 80.44)
     assert beside_paper({"base": stats["base"]}, tasks) == []
 
 
@@ -317,3 +318,22 @@ def test_studies_script_plans_the_three_smollm2_studies(tiny_folder):
     assert [(p["study_dir"].split(os.sep)[-1], p["sweep_units"], p["final_units"]) for p in plans] == [
         ("compare_methods", 8, 22), ("expert_count", 0, 9), ("llm_adapters_form", 0, 2)]
     assert all(p["dry_run"] for p in plans)
+
+
+def test_significance_notes_judge_by_seeds_and_test_set_and_by_seeds_alone():
+    from scipy import stats as scipy_stats
+
+    from goat_dist.study.report import significance_notes
+
+    # a gap far beyond the seed spread (std 0.1 points) but inside the test-set noise (SE 0.48)
+    stats = {"goat": {"avg": 0.4608, "std": 0.001, "se": 0.0048, "n": 3},
+             "lora": {"avg": 0.4698, "std": 0.001, "se": 0.0048, "n": 3},
+             "base": {"avg": 0.4089, "std": 0.0, "se": 0.0047, "n": 1}}
+    notes = significance_notes(stats, "goat")
+    lora = next(n for n in notes if "goat - lora" in n)
+    assert "-0.90 points (2 SE = 1.36): within noise" in lora
+    p = scipy_stats.ttest_ind([0.4598, 0.4608, 0.4618], [0.4688, 0.4698, 0.4708]).pvalue
+    assert f"seeds only (3 vs 3): Welch p = {p:.3f}" in lora and p < 0.001
+    base = next(n for n in notes if "goat - base" in n)
+    assert "+5.19 points" in base and base.endswith(": significant")    # one seed: no t-test
+    assert significance_notes(stats, "goat_mini") == []
