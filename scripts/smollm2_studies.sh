@@ -10,7 +10,7 @@
 #   3. the secondary table: LoRA and GOAT trained and evaluated in the paper's LLM-Adapters form
 #      ("the correct answer is answerN"), same records, batch and schedule.
 #
-# Usage (about 19 CPU-hours on a 2-vCPU machine, hours on a GPU; run it in the background):
+# Usage (about 20 hours on a 2-vCPU machine, hours on a GPU; run it in the background):
 #   nohup bash scripts/smollm2_studies.sh > outputs/smollm2_studies.log 2>&1 &
 #   bash scripts/smollm2_studies.sh --dry-run        # the three plans, nothing run
 # Extra arguments go to every scripts/compare_methods.py command (e.g. --dry-run, --model DIR).

@@ -281,6 +281,7 @@ def test_ordering_beside_the_paper_ranks_on_the_tasks_both_have():
     assert rows[2][1] == "46.98 ± 1.00 (3)" and rows[0][3] == "82.10"
     assert rows[1][5] == "80.43"                             # as printed (the mean is 80.44)
     assert beside_paper({"base": stats["base"]}, tasks) == []
+    assert beside_paper(stats, ["gsm8k"]) == []             # no task of Table 3: no ranking
 
 
 def test_compute_hours_counts_a_training_once_however_many_evaluations_reuse_it(tmp_path):

@@ -213,14 +213,14 @@ def beside_paper(stats: dict[str, dict], tasks: list[str]) -> list[str]:
             paper's 8-task average, with HellaSwag, is shown too).
 
     Only methods with a Table 3 row are ranked (the base model and GOAT-mini have none there);
-    rank 1 is the highest average. Returns [] when no method has both.
+    rank 1 is the highest average. Returns [] when no method has both, or no task is in Table 3.
     """
     both = [m for m in stats if paper_average(m) is not None and not math.isnan(stats[m]["avg"])]
-    if not both:
+    shared = [paper_task(t) for t in tasks if paper_task(t)]
+    if not both or not shared:          # e.g. a study on GSM8K: nothing to set beside Table 3
         return []
     ours = sorted(both, key=lambda m: -stats[m]["avg"])
     paper = sorted(both, key=lambda m: -paper_average(m, tasks))
-    shared = [paper_task(t) for t in tasks if paper_task(t)]
     lines = [f"| method | ours: avg ± std (seeds) | our rank | paper: avg over {', '.join(shared)} "
              "| paper rank | paper 8-task avg (as printed) |", "|---|---:|---:|---:|---:|---:|"]
     for m in paper:
