@@ -536,6 +536,7 @@ class Trainer:
                             None if self.expert_opt is None else self.expert_opt.state_dict(),
                             history=self.history)
 
+
 def shutdown(barrier: bool = True) -> None:
     """Leave the process group (every rank, also on errors: a rank that exits with the group
     still alive can abort at interpreter exit, see docs/CLUSTER.md "Exit statuses").
