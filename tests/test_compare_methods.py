@@ -337,4 +337,35 @@ def test_significance_notes_judge_by_seeds_and_test_set_and_by_seeds_alone():
     assert f"seeds only (3 vs 3): Welch p = {p:.3f}" in lora and p < 0.001
     base = next(n for n in notes if "goat - base" in n)
     assert "+5.19 points" in base and base.endswith(": significant")    # one seed: no t-test
+    assert "paired" not in lora                                          # no by_seed given
     assert significance_notes(stats, "goat_mini") == []
+
+
+def test_paired_by_seed_removes_the_luck_that_runs_sharing_a_seed_share():
+    from scipy import stats as scipy_stats
+
+    from goat_dist.study.report import method_table, significance_notes
+
+    # seed 2 lifts both methods by ~0.9 points (shared held-out split and sampler order): Welch
+    # counts that as noise, the paired test sees a steady 0.9-point gap
+    goat = {0: 0.4608, 1: 0.4624, 2: 0.4710}
+    lora = {0: 0.4698, 1: 0.4712, 2: 0.4800, 3: 0.4700}     # seed 3: no partner, left out
+    rows = [{"phase": "final", "variant": v, "eval": "test", "eval_status": "done", "seed": s,
+             "lr": 2e-4, "avg": a, "avg_stderr": 0.0048, "train_time_s": 600.0}
+            for v, by in (("goat", goat), ("lora", lora)) for s, a in by.items()]
+    _, stats = method_table(rows, ("final",), "test", [], "acc")
+    assert stats["goat"]["by_seed"] == goat and stats["lora"]["by_seed"] == lora
+    line = significance_notes(stats, "goat")[0]
+    welch = scipy_stats.ttest_ind(list(goat.values()), list(lora.values()), equal_var=False).pvalue
+    paired = scipy_stats.ttest_rel([goat[s] for s in range(3)], [lora[s] for s in range(3)]).pvalue
+    assert f"Welch p = {welch:.3f}" in line and welch > 0.1
+    assert f"paired by seed (3 shared, gap -0.89 ± 0.01): p = {paired:.3f}" in line
+    assert paired < 0.001
+
+    # one shared seed: no paired test; identical gaps on every seed: p = 0, not nan
+    one = {"goat": dict(stats["goat"], by_seed={0: 0.46}),
+           "lora": dict(stats["lora"], by_seed={0: 0.47, 1: 0.47})}
+    assert "paired" not in significance_notes(one, "goat")[0]
+    same = {"goat": dict(stats["goat"], by_seed={0: 0.46, 1: 0.47}),
+            "lora": dict(stats["lora"], by_seed={0: 0.47, 1: 0.48})}
+    assert significance_notes(same, "goat")[0].endswith("): p = 0.000")

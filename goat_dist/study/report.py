@@ -131,10 +131,10 @@ def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
             with their average (mean +- std over seeds), which separates what fine-tuning taught
             from transfer to the tasks it never saw.
 
-    Returns the table and, per variant, {avg, std, se, n} for the significance notes. ``se`` is
-    the standard error of the variant's mean average accuracy: seed-to-seed spread and test-set
-    sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)); the table shows it
-    as the ``SE`` column.
+    Returns the table and, per variant, {avg, std, se, n, by_seed} for the significance notes.
+    ``se`` is the standard error of the variant's mean average accuracy: seed-to-seed spread and
+    test-set sampling (lm-eval's stderr) combined, sqrt(std^2/n + mean(stderr^2)); the table
+    shows it as the ``SE`` column. ``by_seed`` maps each seed to that run's average.
     """
     trained = [t for t in (trained or []) if t in tasks]
     by_variant: dict[str, list[dict]] = {}
@@ -153,7 +153,9 @@ def method_table(rows: list[dict], phase_names: tuple[str, ...], eval_name: str,
         avg, sd = mean_std([r["avg"] for r in rs])
         ses = [r["avg_stderr"] for r in rs if not math.isnan(r["avg_stderr"])]
         se = math.sqrt(sd * sd / len(rs) + (statistics.fmean([x * x for x in ses]) if ses else 0))
-        stats[name] = {"avg": avg, "std": sd, "se": se, "n": len(rs)}
+        by_seed = {r["seed"]: r["avg"] for r in rs
+                   if r.get("seed") is not None and not math.isnan(r["avg"])}
+        stats[name] = {"avg": avg, "std": sd, "se": se, "n": len(rs), "by_seed": by_seed}
         lrs = sorted({r["lr"] for r in rs if r["lr"] is not None})
         tmin = [r["train_time_s"] / 60 for r in rs
                 if isinstance(r.get("train_time_s"), float) and not math.isnan(r["train_time_s"])]
@@ -179,6 +181,10 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
       the same records, so this errs on the side of "within noise".
     - Seeds only (when both have 2+ seeds): Welch's t-test on the seed averages, i.e. whether
       the gap on *this* test set is larger than training-run randomness; its p-value follows.
+    - Paired by seed (when both have 2+ seeds in common, from ``by_seed``): a paired t-test on
+      the per-seed differences. A seed fixes the held-out records, the sampler order and the
+      dropout masks for every method alike, so runs that share a seed share that luck; pairing
+      removes it, where Welch's test counts it as noise. Only seeds both methods have count.
     """
     from scipy import stats as scipy_stats
 
@@ -200,6 +206,16 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
                 p = float(scipy_stats.ttest_ind_from_stats(
                     a["avg"], a["std"], a["n"], b["avg"], b["std"], b["n"], equal_var=False).pvalue)
             line += f"; seeds only ({a['n']} vs {b['n']}): Welch p = {p:.3f}"
+        shared = sorted(set(a.get("by_seed", {})) & set(b.get("by_seed", {})))
+        if len(shared) >= 2:
+            diffs = [a["by_seed"][s] - b["by_seed"][s] for s in shared]
+            if statistics.stdev(diffs) == 0:        # t undefined: identical gaps on every seed
+                p = 0.0 if diffs[0] else 1.0
+            else:
+                p = float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue)
+            line += (f"; paired by seed ({len(shared)} shared, gap "
+                     f"{100 * statistics.fmean(diffs):+.2f} ± {100 * statistics.stdev(diffs):.2f}): "
+                     f"p = {p:.3f}")
         out.append(line)
     return out
 
