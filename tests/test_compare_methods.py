@@ -346,7 +346,7 @@ def test_paired_by_seed_removes_the_luck_that_runs_sharing_a_seed_share():
 
     from goat_dist.study.report import method_table, significance_notes
 
-    # seed 2 lifts both methods by ~0.9 points (shared held-out split and sampler order): Welch
+    # seed 2 lifts both methods by ~0.9 points (same sampler order and dropout masks): Welch
     # counts that as noise, the paired test sees a steady 0.9-point gap
     goat = {0: 0.4608, 1: 0.4624, 2: 0.4710}
     lora = {0: 0.4698, 1: 0.4712, 2: 0.4800, 3: 0.4700}     # seed 3: no partner, left out

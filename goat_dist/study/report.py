@@ -182,9 +182,9 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
     - Seeds only (when both have 2+ seeds): Welch's t-test on the seed averages, i.e. whether
       the gap on *this* test set is larger than training-run randomness; its p-value follows.
     - Paired by seed (when both have 2+ seeds in common, from ``by_seed``): a paired t-test on
-      the per-seed differences. A seed fixes the held-out records, the sampler order and the
-      dropout masks for every method alike, so runs that share a seed share that luck; pairing
-      removes it, where Welch's test counts it as noise. Only seeds both methods have count.
+      the per-seed differences. A seed fixes the sampler order and the dropout masks (and the
+      held-out records, without a ``data.eval_file``) for every method alike, so runs that share
+      a seed share that luck; pairing removes it, where Welch's test counts it as noise. Only seeds both methods have count.
     """
     from scipy import stats as scipy_stats
 
