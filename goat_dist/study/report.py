@@ -184,7 +184,8 @@ def significance_notes(stats: dict[str, dict], ref: str) -> list[str]:
     - Paired by seed (when both have 2+ seeds in common, from ``by_seed``): a paired t-test on
       the per-seed differences. A seed fixes the sampler order and the dropout masks (and the
       held-out records, without a ``data.eval_file``) for every method alike, so runs that share
-      a seed share that luck; pairing removes it, where Welch's test counts it as noise. Only seeds both methods have count.
+      a seed share that luck; pairing removes it, where Welch's test counts it as noise. Only
+      the seeds both methods have count.
     """
     from scipy import stats as scipy_stats
 
