@@ -206,10 +206,21 @@ def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_fol
     unit_procs: list = []
     try:
         # signal once the trainer is in its loop (its first checkpoint exists), not before it
-        # has installed its handlers: that is what makes the outcome deterministic
-        deadline = time.time() + 300
-        while not os.path.isdir(os.path.join(train, "checkpoints", "step_00000002")):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        # has installed its handlers: that is what makes the outcome deterministic. Wait for the
+        # pointer, which stays once written, not for a step folder: with save_every=2 and
+        # keep_checkpoints=2 the trainer deletes step_00000002 at step 6 (~0.4 s at the ~11
+        # steps/s of this tiny model), and a poll that sleeps through that on a loaded machine
+        # never sees it: the study then trains all 5000 steps and the test fails.
+        pointer = os.path.join(train, "checkpoints", "latest.json")
+        deadline = time.monotonic() + 300
+        while not os.path.exists(pointer):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                unit_procs = psutil.Process(proc.pid).children(recursive=True) if (
+                    proc.poll() is None) else []
+                proc.kill()     # before communicate: a running study would block it to the end
+                _, err = proc.communicate()
+                pytest.fail(f"no checkpoint within 300 s (study exit {proc.returncode}): "
+                            f"{err[-2000:]}")
             time.sleep(0.2)
         unit_procs = psutil.Process(proc.pid).children(recursive=True)
         assert unit_procs
