@@ -482,12 +482,20 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
         len(args.seeds) if v.trains else 1 for v in variants) else 0
 
 
+def study_title(args) -> str:
+    """results.md's heading: what the study compares (methods, GOAT expert points, or both)."""
+    grid = bool(args.expert_grid or args.expert_points)
+    if grid:
+        return "Method comparison and expert-count study" if args.methods else "Expert-count study"
+    return "Method comparison"
+
+
 def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, float]) -> None:
     test_tasks = sorted({k for r in rows if r["eval"] == "test" for k in r
                          if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
     val_tasks = sorted({k for r in rows if r["eval"] == "val" for k in r
                         if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
-    parts = [f"# Method comparison\n\nconfig `{in_repo(args.config)}`, DeepSpeed "
+    parts = [f"# {study_title(args)}\n\nconfig `{in_repo(args.config)}`, DeepSpeed "
              f"`{in_repo(args.ds_config) or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
              f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
              f"mean ± std over seeds; updated {time.strftime('%Y-%m-%d %H:%M')}.\n"]

@@ -73,6 +73,11 @@ def test_plan_sweeps_families_and_seeds(tmp_path, cm, capsys, tiny_folder):
     with pytest.raises(SystemExit) as e:
         cm.main(grid[:-3] + ["8:2"])
     assert e.value.code == 2
+    # results.md says which kind of study it is
+    assert cm.study_title(cm.parse_args(grid)) == "Expert-count study"
+    assert cm.study_title(cm.parse_args(grid + ["--methods", "lora"])) == (
+        "Method comparison and expert-count study")
+    assert cm.study_title(cm.parse_args(base)) == "Method comparison"
 
 
 def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny_folder):
