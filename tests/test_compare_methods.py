@@ -220,8 +220,8 @@ def test_sigterm_stops_the_running_unit_with_a_checkpoint(tmp_path, cm, tiny_fol
         deadline = time.monotonic() + 300
         while not os.path.exists(pointer):
             if proc.poll() is not None or time.monotonic() > deadline:
-                unit_procs = psutil.Process(proc.pid).children(recursive=True) if (
-                    proc.poll() is None) else []
+                if proc.poll() is None:       # the finally below stops its trainer too
+                    unit_procs = psutil.Process(proc.pid).children(recursive=True)
                 proc.kill()     # before communicate: a running study would block it to the end
                 _, err = proc.communicate()
                 pytest.fail(f"no checkpoint within 300 s (study exit {proc.returncode}): "
