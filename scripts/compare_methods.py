@@ -70,6 +70,7 @@ from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_o
 from goat_dist.study.report import (average, beside_paper, compute_hours, fmt,  # noqa: E402
                                      eval_metrics, method_table, plot, significance_notes, train_figures,
                                      write_csv)
+from goat_dist.study.readback import read_json  # noqa: E402
 from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
 
 TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
@@ -429,10 +430,10 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
         row.update(E=int(ov.get("goat.num_experts", 0)) or None,
                    top_k=int(ov.get("goat.top_k", 0)) or None,
                    ep_size=int(ov.get("train.ep_size", 1)), init=ov.get("goat.init"))
-        row.update({"train_status": res.train.status, "train_attempts": res.train.attempts,
+        row.update({"train_status": table_status(res.train.status), "train_attempts": res.train.attempts,
                     "train_time_s": res.train.run_time_s or math.nan,
                     "train_peak_rss_mb": res.train.peak_rss_mb_max,
-                    "eval_status": res.eval.status, "eval_time_s": res.eval.run_time_s or math.nan,
+                    "eval_status": table_status(res.eval.status), "eval_time_s": res.eval.run_time_s or math.nan,
                     "reason": res.train.reason or res.eval.reason})
         if u.variant.trains and res.train.status in ("ok", "done"):
             fig = train_figures(res.train_dir)
@@ -490,6 +491,21 @@ def study_title(args) -> str:
     return "Method comparison"
 
 
+def table_status(status: str) -> str:
+    """A stage's status as the tables print it: "ok" (ran now) and "done" (ran earlier) both
+    read "done", so rerunning a finished study rewrites its tables byte for byte."""
+    return "done" if status == "ok" else status
+
+
+def last_update(study_dir: str, rows: list[dict]) -> str:
+    """When the newest of the rows' units last recorded a stage ("YYYY-MM-DD HH:MM"): the time
+    the table's contents changed, so re-rendering an unchanged study gives the same file."""
+    stamps = [(read_json(os.path.join(study_dir, "runs", r["run_id"], "unit.json")) or {})
+              .get("updated", "") for r in rows]
+    newest = max(stamps, default="")
+    return newest[:16] or time.strftime("%Y-%m-%d %H:%M")
+
+
 def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, float]) -> None:
     test_tasks = sorted({k for r in rows if r["eval"] == "test" for k in r
                          if k + "_stderr" in r and not k.endswith("_stderr") and k != "avg"})
@@ -498,7 +514,7 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
     parts = [f"# {study_title(args)}\n\nconfig `{in_repo(args.config)}`, DeepSpeed "
              f"`{in_repo(args.ds_config) or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
              f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
-             f"mean ± std over seeds; updated {time.strftime('%Y-%m-%d %H:%M')}.\n"]
+             f"mean ± std over seeds; updated {last_update(study_dir, rows)}.\n"]
     # trained tasks: the validation tasks (those with training data); the rest measure transfer
     table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric,
                                 trained=args.val_tasks)

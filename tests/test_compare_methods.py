@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -80,7 +81,8 @@ def test_plan_sweeps_families_and_seeds(tmp_path, cm, capsys, tiny_folder):
     assert cm.study_title(cm.parse_args(base)) == "Method comparison"
 
 
-def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny_folder):
+def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny_folder,
+                                                     monkeypatch):
     """First invocation: training ends at step 2 of 4 with a checkpoint (as a job hitting its
     time limit), the base model is evaluated. Second: the run resumes at step 2, finishes, is
     evaluated; the base evaluation is not redone. Third: nothing runs."""
@@ -112,10 +114,25 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     assert unit["train"]["attempts"] == 2 and unit["eval"]["test"]["status"] == "ok"
     results = os.path.join(run, "eval_test", "eval_results.json")
     mtimes = (os.stat(results).st_mtime_ns, os.stat(base_eval).st_mtime_ns)
+    # what a user commits: a rerun with nothing to do must leave every byte of it as it was
+    committed = [os.path.join(d, f) for f in ("study.json", "results.csv", "results.md",
+                                              "loss_curves.png", "accuracy.png")]
+    committed += [os.path.join(d, "runs", u, "unit.json") for u in ("lora_lr0.005_s0", "base")]
+    before = {}
+    for f in committed:
+        with open(f, "rb") as fh:
+            before[f] = fh.read()
 
-    assert cm.main(argv) == 0                        # everything finished: nothing reruns
+    # the clock reads 2100 for the rerun: any time stamp written now would differ
+    real_strftime = time.strftime
+    with monkeypatch.context() as m:                 # (cm's environment stays patched)
+        m.setattr(time, "strftime", lambda fmt, t=None: real_strftime(fmt, time.gmtime(4102444800)))
+        assert cm.main(argv) == 0                    # everything finished: nothing reruns
     assert last_json(capsys)["finished"] == 2
     assert (os.stat(results).st_mtime_ns, os.stat(base_eval).st_mtime_ns) == mtimes
+    for f in committed:
+        with open(f, "rb") as fh:
+            assert fh.read() == before[f], f"{f} changed on a rerun that ran nothing"
     with open(os.path.join(d, "results.md")) as f:
         md = f.read()
     assert "| lora | 0.005 | 1 |" in md and "| base |" in md

@@ -53,6 +53,8 @@ def open_study_folder(study_dir: str, settings: dict[str, Any]) -> IO:
             f"{study_dir} holds a study with other settings ({', '.join(diff)} differ); its "
             f"finished units would not be comparable. Use a new --study-dir, or rerun with the "
             f"settings recorded in {study_json}")
-    write_json_atomic(study_json, {"settings": settings,
-                                   "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if previous is None:
+        # written once: a rerun with the same settings leaves a committed study.json untouched
+        write_json_atomic(study_json, {"settings": settings,
+                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return lock

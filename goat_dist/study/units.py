@@ -43,8 +43,9 @@ class StageRecord:
 
     Attributes:
         status: ``planned``, ``ok`` (ran now and finished), ``done`` (finished earlier, skipped
-            now), ``stopped`` (training ended early on purpose, e.g. ``train.stop_after_steps``
-            or a preemption signal, with a checkpoint to resume from) or ``failed``.
+            now; unit.json keeps the ``ok`` its finishing run wrote), ``stopped`` (training
+            ended early on purpose, e.g. ``train.stop_after_steps`` or a preemption signal,
+            with a checkpoint to resume from) or ``failed``.
         attempts: how many times the stage was started, this run and earlier ones.
         run_time_s: wall time summed over attempts (subprocess start to exit).
         peak_rss_mb_max: peak resident memory of the tree (MiB), max over attempts.
@@ -176,6 +177,7 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
                                  "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "train": dataclasses.asdict(res.train), "eval": evals})
 
+    train_skipped = True
     if train_cmd is None:
         res.train.status = "done"
     elif is_finished(res.train_dir) and (eval_finished(res.eval_dir)
@@ -188,6 +190,7 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
                 f"folder committed without weights?) and evaluation needs it: training again "
                 f"from scratch")
             res.train = StageRecord()       # a new run: its time is not added to the lost one
+        train_skipped = False
         how = "resuming" if res.train.attempts else "training"
         log(f"{tag}: {how}; logs in {unit_dir}/train_log/")
         try:
@@ -202,6 +205,10 @@ def run_unit(unit_id: str, unit_dir: str, train_cmd: Optional[list[str]],
     if eval_finished(res.eval_dir):
         res.eval.status = "done"
         log(f"{tag}: evaluation finished earlier, skipped")
+        if train_skipped and os.path.isfile(path):
+            # nothing ran: keep the record as the run that finished wrote it, so rerunning a
+            # finished study leaves its committed unit.json files byte for byte
+            return res
     else:
         log(f"{tag}: evaluating ({eval_name}); logs in {unit_dir}/eval_{eval_name}_log/")
         try:
