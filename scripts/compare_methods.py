@@ -430,10 +430,12 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
         row.update(E=int(ov.get("goat.num_experts", 0)) or None,
                    top_k=int(ov.get("goat.top_k", 0)) or None,
                    ep_size=int(ov.get("train.ep_size", 1)), init=ov.get("goat.init"))
-        row.update({"train_status": table_status(res.train.status), "train_attempts": res.train.attempts,
+        row.update({"train_status": table_status(res.train.status),
+                    "train_attempts": res.train.attempts,
                     "train_time_s": res.train.run_time_s or math.nan,
                     "train_peak_rss_mb": res.train.peak_rss_mb_max,
-                    "eval_status": table_status(res.eval.status), "eval_time_s": res.eval.run_time_s or math.nan,
+                    "eval_status": table_status(res.eval.status),
+                    "eval_time_s": res.eval.run_time_s or math.nan,
                     "reason": res.train.reason or res.eval.reason})
         if u.variant.trains and res.train.status in ("ok", "done"):
             fig = train_figures(res.train_dir)

@@ -126,7 +126,8 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     # the clock reads 2100 for the rerun: any time stamp written now would differ
     real_strftime = time.strftime
     with monkeypatch.context() as m:                 # (cm's environment stays patched)
-        m.setattr(time, "strftime", lambda fmt, t=None: real_strftime(fmt, time.gmtime(4102444800)))
+        m.setattr(time, "strftime",
+                  lambda fmt, t=None: real_strftime(fmt, time.gmtime(4102444800)))
         assert cm.main(argv) == 0                    # everything finished: nothing reruns
     assert last_json(capsys)["finished"] == 2
     assert (os.stat(results).st_mtime_ns, os.stat(base_eval).st_mtime_ns) == mtimes
