@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from goat_dist.parallel.comm import dist_backend
-from goat_dist.train.config import load_run_config
+from goat_dist.train.checkpoint import resume_bf16
+from goat_dist.train.config import ConfigError, load_run_config
 from goat_dist.train.ds_config import (bf16_wanted, cpu_native_bf16, read_ds_config,
                                        resolve_ds_config)
 from tests.train_helpers import DEMO_DATA, ROOT, losses, read_summary, run_train, tiny_config
@@ -46,6 +47,20 @@ def test_auto_follows_the_device_and_explicit_values_win():
     with pytest.raises(Exception, match="bf16.enabled"):
         resolve_ds_config({"bf16": {"enabled": True}},
                           _run("false"), world_size=1)
+
+
+def test_a_resumed_run_keeps_its_checkpoints_precision():
+    """auto follows the checkpoint (whatever this machine would pick), an agreeing explicit value
+    is accepted, a contradicting one is refused, and a checkpoint written before the precision
+    was recorded leaves train.bf16 to resolve as for a fresh run."""
+    for saved in (True, False):
+        assert resume_bf16({"bf16": saved}, _run("auto")) is saved
+        assert resume_bf16({"bf16": saved}, _run(str(saved).lower())) is saved
+        with pytest.raises(ConfigError, match="cannot change precision"):
+            resume_bf16({"bf16": saved}, _run(str(not saved).lower()))
+        ds = resolve_ds_config(read_ds_config(None), _run("auto"), world_size=1, bf16=saved)
+        assert ds["bf16"]["enabled"] is saved
+    assert resume_bf16({}, _run("auto")) is None and resume_bf16({}, _run("true")) is None
 
 
 def test_cpu_only_torch_initialises_deepspeeds_default_backend():

@@ -7,13 +7,15 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, free_port, load_launch_module, read_summary, run_train, tiny_config
+from tests.train_helpers import (ROOT, free_port, load_launch_module, losses, read_summary, run_train,
+                                 tiny_config)
 
 pytestmark = pytest.mark.slow
 
@@ -145,6 +147,40 @@ def test_checkpoint_from_another_config_is_refused(existing_run):
                     "goat.num_experts", "different run configuration")
     _assert_refused(_run_cli(["--config", cfg, "train.resume=none"]), "already holds another run")
     assert _tree_digest(out) == before
+
+
+def _rewind(out: str, tag: str) -> None:
+    """Make ``tag`` the latest checkpoint and drop the later ones, as if the job had been
+    preempted right after saving ``tag``."""
+    ckpts = os.path.join(out, "checkpoints")
+    for name in os.listdir(ckpts):
+        if name.startswith("step_") and name > tag:
+            shutil.rmtree(os.path.join(ckpts, name))
+    with open(os.path.join(ckpts, "latest.json"), "w") as f:
+        json.dump({"tag": tag, "global_step": int(tag.split("_")[1])}, f)
+
+
+def test_resume_keeps_the_checkpoints_precision(tmp_path, existing_run):
+    """train.bf16=auto resolves per machine (bf16 where native), so a job requeued onto a node of
+    another type must not switch precision mid-run: auto continues in the checkpoint's precision
+    (the resumed losses equal the uninterrupted run's, whatever this CPU would pick for a fresh
+    run), and an explicit value that contradicts the checkpoint is refused without damage."""
+    cfg, out, before = existing_run                     # trained in fp32
+    _assert_refused(_run_cli(["--config", cfg, "train.bf16=true"]),
+                    "train.bf16=true", "trained in fp32", "train.bf16=auto")
+    assert _tree_digest(out) == before
+    for bf16 in (False, True):
+        run_out = str(tmp_path / f"bf16_{bf16}")
+        run_cfg = tiny_config(str(tmp_path / f"bf16_{bf16}.yaml"), run_out,
+                              train={"max_steps": 4, "save_every": 2, "bf16": bf16})
+        assert run_train(["--config", run_cfg]) == 0
+        uninterrupted = losses(run_out)
+        _rewind(run_out, "step_00000002")
+        assert run_train(["--config", run_cfg, "train.bf16=auto"]) == 0
+        s = read_summary(run_out)
+        assert s["resumed_from"].endswith("step_00000002") and s["finished"]
+        assert s["bf16"] is bf16 and s["ds_config"]["bf16"]["enabled"] is bf16
+        assert losses(run_out) == uninterrupted
 
 
 def test_tokenizer_that_does_not_fit_the_model(tmp_path, existing_run):

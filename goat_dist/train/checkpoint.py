@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints``:
 
     step_00000040/            DeepSpeed's files (adapter params, optimizer, scheduler; the frozen
-                              base is excluded) + rng_rank<r>.pt + run_config.json
+                              base is excluded) + rng_rank<r>.pt + run_config.json (the run
+                              config, world size, step and the precision it trained in)
         adapter/              the adapter at this step, exported like the end-of-run export
                               (safetensors, gathered from ZeRO-3 / expert shards): what
                               ``launch/evaluate.py --adapter <step folder>`` and load_adapter read
@@ -158,8 +159,10 @@ def save_checkpoint(engine, run: RunConfig, global_step: int, world_size: int,
     _barrier()                                   # every rank's files are complete
     if rank == 0:
         try:
+            # "bf16": the resolved precision (train.bf16=auto differs between machines)
             _atomic_json(os.path.join(path, "run_config.json"),
-                         {"run": run.to_dict(), "world_size": world_size, "global_step": global_step})
+                         {"run": run.to_dict(), "world_size": world_size, "global_step": global_step,
+                          "bf16": bool(engine.bfloat16_enabled())})
             if history is not None:
                 _atomic_json(os.path.join(path, HISTORY), history)
             _atomic_json(os.path.join(root, POINTER), {"tag": tag, "global_step": global_step})
@@ -228,6 +231,33 @@ def check_resumable(path: str, run: RunConfig, world_size: int) -> dict:
                           "start a fresh run in a new train.output_dir (or train.resume=none "
                           "with train.overwrite_output_dir=true)")
     return meta
+
+
+def resume_bf16(meta: dict, run: RunConfig) -> Optional[bool]:
+    """The precision a resumed run continues in: the one its checkpoint trained in.
+
+    ``train.bf16=auto`` resolves per machine (bf16 where it is native), so a run requeued onto a
+    node of another type would otherwise switch precision mid-run without a word; ``auto``
+    follows the checkpoint instead (slower where bf16 is emulated, but the run's numerics stay
+    as they were). An explicit ``true``/``false`` that contradicts the checkpoint is refused.
+
+    Args:
+        meta: the checkpoint's run_config.json (check_resumable's return value).
+    Returns:
+        True/False for bf16/fp32; None for a checkpoint written before the precision was
+        recorded (train.bf16 then resolves as for a fresh run).
+    """
+    saved = meta.get("bf16")
+    if saved is None:
+        return None
+    want = str(run.train.bf16).lower()
+    if want != "auto" and (want == "true") != saved:
+        name = {True: "bf16", False: "fp32"}
+        raise ConfigError(f"train.bf16={want} but the checkpoint being resumed trained in "
+                          f"{name[saved]}: a run cannot change precision mid-way. Resume with "
+                          f"train.bf16=auto (or {str(saved).lower()}) to continue it in "
+                          f"{name[saved]}, or start a fresh run in a new train.output_dir")
+    return saved
 
 
 def _norm(v):

@@ -100,8 +100,13 @@ def _fill(section: dict, key: str, value: Any, where: str, source: str) -> None:
                           f"make the two agree")
 
 
-def resolve_ds_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> dict[str, Any]:
-    """A copy of ``ds`` with every ``"auto"`` filled from ``run``; contradictions raise ConfigError."""
+def resolve_ds_config(ds: dict[str, Any], run: RunConfig, world_size: int,
+                      bf16: Optional[bool] = None) -> dict[str, Any]:
+    """A copy of ``ds`` with every ``"auto"`` filled from ``run``; contradictions raise ConfigError.
+
+    ``bf16``: the precision to train in instead of resolving ``train.bf16`` on this machine
+    (a resumed run's, checkpoint.resume_bf16); None resolves it (bf16_wanted).
+    """
     ds = copy.deepcopy(ds)
     t, o = run.train, run.optim
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size,
@@ -130,9 +135,12 @@ def resolve_ds_config(ds: dict[str, Any], run: RunConfig, world_size: int) -> di
         elif list(betas) != list(o.betas):
             raise ConfigError(f"DeepSpeed config sets optimizer.params.betas={betas} but the run "
                               f"config gives {list(o.betas)} (optim.betas); make them agree")
-    bf16 = ds.setdefault("bf16", {})
-    want = bf16_wanted(run)
-    _fill(bf16, "enabled", want, "bf16.enabled", "train.bf16")
+    bf16_section = ds.setdefault("bf16", {})
+    if bf16 is None:
+        _fill(bf16_section, "enabled", bf16_wanted(run), "bf16.enabled", "train.bf16")
+    else:
+        _fill(bf16_section, "enabled", bf16, "bf16.enabled",
+              "train.bf16, as the checkpoint being resumed trained")
     if ds.get("fp16", {}).get("enabled") in (True, "auto"):
         raise ConfigError("fp16 is not supported (GOAT adapters train in fp32 or bf16); set "
                           "fp16.enabled=false and use bf16")

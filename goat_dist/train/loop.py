@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import (check_resumable, checkpoint_dir, export_adapter, latest_checkpoint,
-                         load_checkpoint, load_history, save_checkpoint)
+                         load_checkpoint, load_history, resume_bf16, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
-from .ds_config import resolve_ds_config, zero_stage
+from .ds_config import bf16_wanted, resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
 from ..parallel.comm import all_reduce_, dist_backend
 from ..parallel.dispatch import ExpertParallelDispatcher
@@ -167,12 +167,16 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         run, t = self.run_cfg, self.run_cfg.train
-        self.ds = resolve_ds_config(self.ds_raw, run, self.world)
-        self.zero3 = zero_stage(self.ds) == 3
         self.resume_from = _prepare_output_dir(run)
+        meta = {} if self.resume_from is None else check_resumable(self.resume_from, run, self.world)
+        bf16 = resume_bf16(meta, run)          # a resumed run keeps its checkpoint's precision
+        self.ds = resolve_ds_config(self.ds_raw, run, self.world, bf16=bf16)
+        if bf16 is not None and bf16 != bf16_wanted(run) and self.rank == 0:
+            print(f"goat_dist: train.bf16={run.train.bf16}: continuing in "
+                  f"{'bf16' if bf16 else 'fp32'} as {self.resume_from} trained, although this "
+                  f"machine would pick {'fp32' if bf16 else 'bf16'} for a fresh run", flush=True)
+        self.zero3 = zero_stage(self.ds) == 3
         self.ep = self._expert_parallel(run.goat)   # bad ep_size fails before anything is written
-        if self.resume_from is not None:
-            check_resumable(self.resume_from, run, self.world)
         set_seed(t.seed)
         splits = load_splits(run.data, self.task, t.seed)      # bad data fails before any write
         self.skipped_bad_records = splits.skipped_bad_records
