@@ -67,9 +67,9 @@ sys.path.insert(0, ROOT)
 
 from goat_dist.study.process import child_env, interrupt_on_sigterm, log as _log  # noqa: E402
 from goat_dist.study.folder import StudyFolderError, open_study_folder, sha256_of  # noqa: E402
-from goat_dist.study.report import (average, beside_paper, compute_hours, fmt,  # noqa: E402
-                                     eval_metrics, method_table, plot, significance_notes, train_figures,
-                                     write_csv)
+from goat_dist.study.report import (average, beside_paper, compute_hours, eval_dtype,  # noqa: E402
+                                     eval_metrics, fmt, method_table, plot, significance_notes,
+                                     train_figures, write_csv)
 from goat_dist.study.readback import read_json  # noqa: E402
 from goat_dist.study.units import UnitResult, run_unit  # noqa: E402
 
@@ -443,6 +443,7 @@ def run_study(args, study_dir: str, variants: list[Variant], sweep: list[Unit]) 
             if u.phase != "sweep" and u.variant.name not in curves:
                 curves[u.variant.name] = fig["loss_curve"]
         metrics = eval_metrics(res.eval_dir, args.metric)
+        row["eval_dtype"] = eval_dtype(res.eval_dir)
         for t, (v, se) in sorted(metrics.items()):
             row[t], row[f"{t}_stderr"] = v, se
         row["avg"], row["avg_stderr"] = average(metrics)
@@ -542,12 +543,14 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
                          + f" | {fmt(100 * r['avg'], 4)} | {r['train_status']}/{r['eval_status']} |")
         parts.append("")
     unit_lines = ["## Every unit\n", "| unit | eval | train | eval | train min | tokens/s | "
-                  "peak RSS MiB | load CV | avg | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "peak RSS MiB | load CV | dtype (train/eval) | avg | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         unit_lines.append(
             f"| {r['run_id']} | {r['eval']} | {r['train_status']} | {r['eval_status']} | "
             f"{fmt(r['train_time_s'] / 60, 3) if not math.isnan(r['train_time_s']) else ''} | "
             f"{fmt(r.get('tokens_per_s'))} | {fmt(r['train_peak_rss_mb'])} | {fmt(r.get('load_cv'))} | "
+            f"{r.get('train_dtype') or '-'}/{r.get('eval_dtype') or '-'} | "
             f"{fmt(100 * r['avg'], 4) if not math.isnan(r['avg']) else ''} | "
             f"{(r['reason'] or '')[:100].replace('|', '/')} |")
     parts += unit_lines

@@ -137,6 +137,11 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     with open(os.path.join(d, "results.md")) as f:
         md = f.read()
     assert "| lora | 0.005 | 1 |" in md and "| base |" in md
+    # each unit's precision, read from what ran (train.bf16 pinned off, --eval-dtype float32):
+    # a study resumed on another machine type can mix them
+    units = {l.split(" | ")[0][2:]: l for l in md.splitlines() if l.startswith("| lora_lr") or
+             l.startswith("| base |")}
+    assert " | fp32/fp32 | " in units["lora_lr0.005_s0"] and " | -/fp32 | " in units["base"]
     from goat_dist.study.report import compute_hours
     hours = compute_hours(os.path.join(d, "runs"))
     base_unit = json.load(open(os.path.join(d, "runs", "base", "unit.json")))

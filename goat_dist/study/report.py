@@ -76,7 +76,16 @@ def train_figures(train_dir: str) -> dict[str, Any]:
             "final_train_loss": (sum(h["loss"] for h in hist[-5:]) / len(hist[-5:])
                                  if hist else math.nan),
             "steps": summary.get("global_step"), "wall_time_s": summary.get("wall_time_s"),
+            # a study resumed on another machine can mix precisions (train.bf16=auto): say which
+            "train_dtype": {True: "bf16", False: "fp32"}.get(summary.get("bf16"), ""),
             "loss_curve": earlier + [(h["step"], h["loss"]) for h in hist]}
+
+
+def eval_dtype(eval_dir: str) -> str:
+    """The precision launch/evaluate.py scored in ("bf16", "fp32", ...; "" before it ran)."""
+    res = read_json(os.path.join(eval_dir, "eval_results.json")) or {}
+    names = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    return names.get(res.get("dtype"), res.get("dtype") or "")
 
 
 def average(metrics: dict[str, tuple[float, float]]) -> tuple[float, float]:
