@@ -32,19 +32,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..train.ds_config import cpu_native_bf16
 from .tasks import EvalInputError
 
 
 def native_bf16() -> bool:
-    """True on CUDA, and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """True on CUDA, and on CPUs with native bf16 arithmetic (the trainer's test, so that
+    ``--dtype auto`` and ``train.bf16: auto`` agree on every machine)."""
+    return torch.cuda.is_available() or cpu_native_bf16()
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
