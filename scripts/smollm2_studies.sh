@@ -8,7 +8,9 @@
 #   2. the expert-count study: GOAT with E in {2,4,8,16} x top_k in {1,2} at total rank 32, plus
 #      E=8 top_k=2 at ep_size=2 (same accuracy as ep_size=1 expected);
 #   3. the secondary table: LoRA and GOAT trained and evaluated in the paper's LLM-Adapters form
-#      ("the correct answer is answerN"), same records, batch and schedule.
+#      ("the correct answer is answerN"), same records, batch and schedule, and the zero-shot
+#      base in that form; scored on the first 500 test records per task (3,500 records: this
+#      form's prompts are long and it is the secondary table).
 #
 # Usage (about 20 hours on a 2-vCPU machine, hours on a GPU; run it in the background):
 #   nohup bash scripts/smollm2_studies.sh > outputs/smollm2_studies.log 2>&1 &
@@ -38,8 +40,8 @@ study --config configs/smollm2_std.yaml --methods --expert-grid 2 4 8 16 --top-k
     --ep-size 1 --expert-points 8:2:2 --lrs 2e-4 --seeds 0 --eval-procs 2 \
     --study-dir results/expert_count "$@"
 
-study --config configs/smollm2_commonsense.yaml --methods lora goat --lrs 2e-4 --seeds 0 \
-    --test-tasks commonsense --eval-procs 2 \
+study --config configs/smollm2_commonsense.yaml --methods lora goat base --lrs 2e-4 --seeds 0 \
+    --test-tasks commonsense --limit 500 --eval-procs 2 \
     --set data.max_train_samples=4096 train.max_steps=0 train.num_epochs=1 \
           train.micro_batch_size=8 train.gradient_accumulation_steps=2 train.eval_every=0 \
           train.save_every=32 train.log_every=4 train.bf16=auto \

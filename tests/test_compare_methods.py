@@ -356,7 +356,7 @@ def test_studies_script_plans_the_three_smollm2_studies(tiny_folder):
     assert proc.returncode == 0, proc.stderr[-3000:]
     plans = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [(p["study_dir"].split(os.sep)[-1], p["sweep_units"], p["final_units"]) for p in plans] == [
-        ("compare_methods", 8, 22), ("expert_count", 0, 9), ("llm_adapters_form", 0, 2)]
+        ("compare_methods", 8, 22), ("expert_count", 0, 9), ("llm_adapters_form", 0, 3)]
     assert all(p["dry_run"] for p in plans)
 
 
