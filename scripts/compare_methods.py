@@ -517,7 +517,9 @@ def write_markdown(study_dir: str, rows: list[dict], args, chosen: dict[str, flo
     parts = [f"# {study_title(args)}\n\nconfig `{in_repo(args.config)}`, DeepSpeed "
              f"`{in_repo(args.ds_config) or 'built-in ZeRO-0'}`, {args.procs} training process(es), "
              f"overrides {args.overrides or 'none'}; metric `{args.metric}` (x100), "
-             f"mean ± std over seeds; updated {last_update(study_dir, rows)}.\n"]
+             f"mean ± std over seeds"
+             + (f"; the first {args.limit} records of each task" if args.limit else "")
+             + f"; updated {last_update(study_dir, rows)}.\n"]
     # trained tasks: the validation tasks (those with training data); the rest measure transfer
     table, stats = method_table(rows, ("final", "base"), "test", test_tasks, args.metric,
                                 trained=args.val_tasks)

@@ -137,6 +137,7 @@ def test_interrupted_study_resumes_and_skips_finished(tmp_path, cm, capsys, tiny
     with open(os.path.join(d, "results.md")) as f:
         md = f.read()
     assert "| lora | 0.005 | 1 |" in md and "| base |" in md
+    assert "; the first 4 records of each task; updated " in md     # --limit 4: say so
     # each unit's precision, read from what ran (train.bf16 pinned off, --eval-dtype float32):
     # a study resumed on another machine type can mix them
     units = {l.split(" | ")[0][2:]: l for l in md.splitlines() if l.startswith("| lora_lr") or
