@@ -237,8 +237,8 @@ def resume_bf16(meta: dict, run: RunConfig) -> Optional[bool]:
     """The precision a resumed run continues in: the one its checkpoint trained in.
 
     ``train.bf16=auto`` resolves per machine (bf16 where it is native), so a run requeued onto a
-    node of another type would otherwise switch precision mid-run without a word; ``auto``
-    follows the checkpoint instead (slower where bf16 is emulated, but the run's numerics stay
+    node of another type would otherwise switch precision mid-run, which DeepSpeed's checkpoint
+    loading does not survive (it crashed either way); ``auto`` follows the checkpoint instead (slower where bf16 is emulated, but the run's numerics stay
     as they were). An explicit ``true``/``false`` that contradicts the checkpoint is refused.
 
     Args:
