@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ..adapter_io import adapter_state_dict, save_adapter
 from ..model import GoatModel
 from .config import ConfigError, RunConfig
+from .ds_config import precision_name
 
 POINTER = "latest.json"
 # The run's per-step log up to the checkpoint (rank 0 writes it): a resumed run's summary.json
@@ -238,8 +239,9 @@ def resume_bf16(meta: dict, run: RunConfig) -> Optional[bool]:
 
     ``train.bf16=auto`` resolves per machine (bf16 where it is native), so a run requeued onto a
     node of another type would otherwise switch precision mid-run, which DeepSpeed's checkpoint
-    loading does not survive (it crashed either way); ``auto`` follows the checkpoint instead (slower where bf16 is emulated, but the run's numerics stay
-    as they were). An explicit ``true``/``false`` that contradicts the checkpoint is refused.
+    loading does not survive (it crashed either way); ``auto`` follows the checkpoint instead
+    (slower where bf16 is emulated, but the run's numerics stay as they were). An explicit
+    ``true``/``false`` that contradicts the checkpoint is refused.
 
     Args:
         meta: the checkpoint's run_config.json (check_resumable's return value).
@@ -252,11 +254,11 @@ def resume_bf16(meta: dict, run: RunConfig) -> Optional[bool]:
         return None
     want = str(run.train.bf16).lower()
     if want != "auto" and (want == "true") != saved:
-        name = {True: "bf16", False: "fp32"}
         raise ConfigError(f"train.bf16={want} but the checkpoint being resumed trained in "
-                          f"{name[saved]}: a run cannot change precision mid-way. Resume with "
-                          f"train.bf16=auto (or {str(saved).lower()}) to continue it in "
-                          f"{name[saved]}, or start a fresh run in a new train.output_dir")
+                          f"{precision_name(saved)}: a run cannot change precision mid-way. "
+                          f"Resume with train.bf16=auto (or {str(saved).lower()}) to continue it "
+                          f"in {precision_name(saved)}, or start a fresh run in a new "
+                          f"train.output_dir")
     return saved
 
 

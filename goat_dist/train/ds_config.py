@@ -67,6 +67,11 @@ def cpu_native_bf16(cpuinfo: Optional[str] = None) -> bool:
     return False
 
 
+def precision_name(bf16: bool) -> str:
+    """"bf16" or "fp32": how messages and tables name a resolved train.bf16."""
+    return "bf16" if bf16 else "fp32"
+
+
 def accelerator_type() -> str:
     """The device type the DeepSpeed engine will train on: "cuda", "cpu", ... (its accelerator)."""
     from deepspeed.accelerator import get_accelerator

@@ -28,7 +28,7 @@ from .checkpoint import (check_resumable, checkpoint_dir, export_adapter, latest
                          load_checkpoint, load_history, resume_bf16, save_checkpoint)
 from .config import ConfigError, RunConfig
 from .data import RecordSplits, StepPlan, collate, corpus_texts, load_splits, prepare_data
-from .ds_config import bf16_wanted, resolve_ds_config, zero_stage
+from .ds_config import bf16_wanted, precision_name, resolve_ds_config, zero_stage
 from .modeling import embedding_rows, inject_goat, load_base_model, resolve_modules_to_save
 from ..parallel.comm import all_reduce_, dist_backend
 from ..parallel.dispatch import ExpertParallelDispatcher
@@ -173,8 +173,8 @@ class Trainer:
         self.ds = resolve_ds_config(self.ds_raw, run, self.world, bf16=bf16)
         if bf16 is not None and bf16 != bf16_wanted(run) and self.rank == 0:
             print(f"goat_dist: train.bf16={run.train.bf16}: continuing in "
-                  f"{'bf16' if bf16 else 'fp32'} as {self.resume_from} trained, although this "
-                  f"machine would pick {'fp32' if bf16 else 'bf16'} for a fresh run", flush=True)
+                  f"{precision_name(bf16)} as {self.resume_from} trained, although this machine "
+                  f"would pick {precision_name(not bf16)} for a fresh run", flush=True)
         self.zero3 = zero_stage(self.ds) == 3
         self.ep = self._expert_parallel(run.goat)   # bad ep_size fails before anything is written
         set_seed(t.seed)
